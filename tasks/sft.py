@@ -1,0 +1,58 @@
+"""Stage `sft`: LoRA / DoRA supervised fine-tuning on question -> worked answer.
+
+    posttrain stage sft              # or: dvc repro sft
+
+TRL's SFTTrainer on a prompt-completion dataset computes the loss on the completion only, so
+the question (and system prompt) is masked out. `sft.lora` holds LoraConfig fields (use_dora:
+true gives DoRA), `sft.training` SFTConfig fields. An interrupted run resumes from the last
+checkpoint kept under checkpoints/sft.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from posttrain.config import Params
+from posttrain.io import atomic_path, read_jsonl, write_json
+from posttrain.prompts import sft_example
+from posttrain.training import last_checkpoint, summary_of, trainer_kwargs
+
+
+def build_dataset(records: list[dict], params: Params):
+    from datasets import Dataset
+
+    limit = params.sft.max_examples or len(records)
+    return Dataset.from_list([sft_example(r, params.eval) for r in records[:limit]])
+
+
+def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
+        checkpoint_dir: str | Path = "checkpoints/sft") -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    dataset = build_dataset(read_jsonl(train_path), params)
+    lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.sft.lora))
+    args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer.train(resume_from_checkpoint=last_checkpoint(checkpoint_dir))
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        trainer.model.save_pretrained(tmp)  # the adapter only
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", trainer.state.log_history)
+    # The finished adapter is the stage's output; checkpoints only served a possible resume.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"adapter": Path(out_dir)}
+
+
+def metrics(out_dir: str | Path) -> dict[str, float]:
+    from posttrain.io import read_json
+
+    history = read_json(Path(out_dir) / "train_log.json")
+    return summary_of(history, ("loss", "mean_token_accuracy")) | {
+        "train_runtime": float(next((e["train_runtime"] for e in history if "train_runtime" in e), 0.0))
+    }
