@@ -48,9 +48,14 @@ def parse_number(text: str | None) -> float | None:
         return None
 
 
+def _clean(number: str) -> str:
+    """'$1,234.' -> '1234': the form stored in per-question records."""
+    return number.replace("$", "").replace(",", "").rstrip(".")
+
+
 def _first_number(text: str) -> str | None:
     match = _NUMBER_RE.search(text)
-    return match.group(0) if match else None
+    return _clean(match.group(0)) if match else None
 
 
 def extract_strict(generation: str) -> str | None:
@@ -74,7 +79,7 @@ def extract_flexible(generation: str) -> str | None:
                 return number
     # Calculator notes like <<3*4=12>> repeat numbers; drop them before taking the last one.
     numbers = _NUMBER_RE.findall(_CALCULATOR_NOTE_RE.sub(" ", generation))
-    return numbers[-1] if numbers else None
+    return _clean(numbers[-1]) if numbers else None
 
 
 def gold_answer(answer_field: str) -> str:

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models built from a config, GSM8K from ../shared, temp workspaces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = (ROOT / ".." / "shared" / "data" / "gsm8k").resolve()
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_params(tmp_path: Path | None = None, **section_overrides):
+    """params.yaml with the tiny profile and a small slice of GSM8K, as a Params object."""
+    from posttrain.cli import update_params_file
+    from posttrain.config import load_params
+
+    workdir = Path(tmp_path or ROOT)
+    target = workdir / "params.tiny.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        update_params_file(target, "tiny", [f"data.source={GSM8K}", "data.max_train=120", "data.max_test=12"])
+    finally:
+        os.chdir(cwd)
+    return load_params(target)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def params(session_dir):
+    return tiny_params(session_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared(params, session_dir) -> Path:
+    from tasks import prepare
+
+    out = session_dir / "prepared"
+    prepare.run(params, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(params, session_dir) -> Path:
+    from tasks import base
+
+    return base.run(params, session_dir / "base")
+
+
+def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
+    """A git+DVC workspace holding this project's pipeline files and the tiny profile."""
+    from posttrain.cli import update_params_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    for item in ("params.yaml", "dvc.yaml", "profiles", "tasks"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / item)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=path, check=True)
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        update_params_file(Path("params.yaml"), "tiny",
+                           [f"data.source={GSM8K}", "data.max_train=120", "data.max_test=12"] + (overrides or []))
+    finally:
+        os.chdir(cwd)
+    return path

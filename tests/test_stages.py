@@ -1,0 +1,142 @@
+"""Each stage on a tiny model built from a config: real assertions on what training did."""
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+
+from tasks import base, merge, reward_model, rl, sft
+
+
+def file_hash(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_section(params, name, **changes):
+    return dataclasses.replace(params, **{name: dataclasses.replace(getattr(params, name), **changes)})
+
+
+def test_tiny_base_loads_and_generates(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    ids = tokenizer("Question: 2 + 3?\nAnswer:", return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0]) == "Question: 2 + 3?\nAnswer:"  # byte-level: lossless
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3
+    assert base.metrics(tiny_base)["n_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_missing_model_folder_is_a_clear_error(params, tmp_path):
+    p = with_section(params, "base", source="./no/such/model")
+    with pytest.raises(FileNotFoundError, match="'./no/such/model' not found"):
+        base.run(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(params, prepared, tiny_base, session_dir):
+    p = with_section(params, "sft", training=params.sft.training | {"learning_rate": 1e-2, "max_steps": 3})
+    before = file_hash(tiny_base / "model.safetensors")
+    sft.run(p, prepared / "train.jsonl", tiny_base, session_dir / "sft_adapter", checkpoint_dir=session_dir / "ckpt_sft")
+    assert file_hash(tiny_base / "model.safetensors") == before  # the base folder is never touched
+    return session_dir / "sft_adapter"
+
+
+def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_base, sft_adapter):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = load_file(sft_adapter / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(sft_adapter))
+    base_state = base_model.state_dict()
+    for name, tensor in peft_model.get_base_model().state_dict().items():
+        if "lora_" not in name and name.replace("base_layer.", "") in base_state:
+            assert torch.equal(tensor, base_state[name.replace("base_layer.", "")]), name  # frozen base
+    log = json.loads((sft_adapter / "train_log.json").read_text())
+    assert any("loss" in e for e in log)
+    # Prompt masking: TRL's completion mask covers the answer only.
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    dataset = sft.build_dataset([{"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}], params)
+    trainer = SFTTrainer(model=base_model, args=SFTConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", max_length=512),
+                         train_dataset=dataset, processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    # TRL folds the completion mask into labels: -100 on every prompt token.
+    completion = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert "2+2=4" in completion and "What is 2+2?" not in completion
+
+
+def test_dora_variant_trains(params, prepared, tiny_base, tmp_path):
+    p = with_section(params, "sft", lora=params.sft.lora | {"use_dora": True}, training=params.sft.training | {"max_steps": 1})
+    sft.run(p, prepared / "train.jsonl", tiny_base, tmp_path / "dora", checkpoint_dir=tmp_path / "ckpt")
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+
+
+def test_merged_logits_equal_adapter_logits(params, tiny_base, sft_adapter, session_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = merge.run(params, tiny_base, sft_adapter, session_dir / "sft")["model"]
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(sft_adapter)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        merged_logits, adapter_logits, base_logits = merged(ids).logits, adapted(ids).logits, plain(ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter did change the model
+
+
+def test_grpo_updates_the_policy(params, prepared, session_dir, tmp_path):
+    model_dir = session_dir / "sft"
+    if not model_dir.exists():
+        pytest.skip("needs the merged model from test_merged_logits_equal_adapter_logits")
+    p = with_section(params, "rl", rewards={"length_penalty": 1.0, "exact_match": 1.0},
+                     training=params.rl.training | {"learning_rate": 5e-2, "max_completion_length": 12, "temperature": 1.5})
+    out = rl.run(p, prepared / "train.jsonl", model_dir, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "GRPO left every weight unchanged"
+    log = json.loads((out / "train_log.json").read_text())
+    assert any("reward" in e for e in log)
+    assert rl.metrics(out)
+
+
+def test_unknown_rl_method_is_refused(params, prepared, tmp_path):
+    with pytest.raises(ValueError, match="rl.method: unknown method 'ppx'"):
+        rl.run(with_section(params, "rl", method="ppx"), prepared / "train.jsonl", tmp_path, tmp_path / "o")
+
+
+def test_reward_model_is_a_safetensors_verifier(params, prepared, tmp_path):
+    out = tmp_path / "rm"
+    reward_model.run(params, prepared / "train.jsonl", prepared / "val.jsonl", out, checkpoint_dir=tmp_path / "ckpt")
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    assert 0.0 <= reward_model.metrics(out)["val_accuracy"] <= 1.0
+
+
+def test_corrupted_answers_change_the_final_number():
+    import random
+
+    from posttrain.gsm8k import gold_answer, parse_number
+
+    answer = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"
+    for seed in range(20):
+        wrong = reward_model.corrupt(answer, random.Random(seed))
+        assert parse_number(gold_answer(wrong)) != 7.0 and "<<" not in wrong
