@@ -145,6 +145,15 @@ def cmd_ui(args) -> int:
                             "--host", args.host, "--port", str(args.port)])
 
 
+def cmd_serve(args) -> int:
+    from flows.pipeline import pipeline
+
+    print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop); "
+          "PREFECT_API_URL picks the server, none starts a local one")
+    pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(Path(".").resolve())})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     summ = sub.add_parser("summary", help="print the summary of the last run from reports/")
     summ.set_defaults(func=cmd_summary)
+
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule in cron syntax (default: %(default)s, nightly)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1 only by default)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")

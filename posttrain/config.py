@@ -58,11 +58,12 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
-    method: str = "grpo"  # grpo
+    method: str = "grpo"  # grpo | reinforce
     max_prompts: int = 64
     lora: dict = field(default_factory=dict)  # peft.LoraConfig fields
     training: dict = field(default_factory=dict)  # trl.GRPOConfig fields
-    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})  # reward name -> weight
+    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})  # name -> weight or {weight, options}
+    reward_postprocess: dict = field(default_factory=dict)  # clip: [lo, hi], scale, normalize, ema_decay
 
 
 @dataclass

@@ -22,16 +22,23 @@ from posttrain.gsm8k import gold_answer, has_final_answer_line, score
 from posttrain.prompts import digest, prompt_text, protocol
 
 
+def newline_token_mask(tokenizer) -> torch.Tensor:
+    """Bool over the vocabulary: does this token's text contain a newline? Built once per tokenizer."""
+    cached = getattr(tokenizer, "_posttrain_newline_mask", None)
+    if cached is None:
+        pieces = tokenizer.batch_decode([[token_id] for token_id in range(len(tokenizer))])
+        cached = torch.tensor(["\n" in piece for piece in pieces], dtype=torch.bool)
+        tokenizer._posttrain_newline_mask = cached
+    return cached
+
+
 class AnswerLineStop:
     """transformers StoppingCriteria: per-sequence 'done' once `#### n\\n` has been written."""
 
     def __init__(self, tokenizer, prompt_length: int):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
-        vocab_size = len(tokenizer)
-        self.newline_tokens = torch.tensor(
-            ["\n" in tokenizer.decode([token_id]) for token_id in range(vocab_size)], dtype=torch.bool
-        )
+        self.newline_tokens = newline_token_mask(tokenizer)
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         last = input_ids[:, -1].clamp(max=len(self.newline_tokens) - 1)
@@ -59,8 +66,15 @@ def _peak_rss_mb() -> float:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             sort_by_length: bool = True, early_stop: bool = True, progress: bool = True) -> GenerationResult:
-    """Greedy generations for `prompts`, returned in the input order."""
+             sort_by_length: bool = True, early_stop: bool = True, stop_at_eos: bool = True,
+             progress: bool = True) -> GenerationResult:
+    """Greedy generations for `prompts`, returned in the input order.
+
+    sort_by_length/early_stop/stop_at_eos off gives the straightforward loop the benchmark compares
+    against; the text is always cut at the first EOS, so both score the same answers.
+    """
+    import copy
+
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
@@ -75,6 +89,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         else [model.generation_config.eos_token_id]
     )
     eos_ids.discard(None)
+    generation_config = copy.deepcopy(model.generation_config)
+    generation_config.eos_token_id = list(eos_ids) if stop_at_eos else None
     start = time.perf_counter()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
@@ -84,9 +100,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         stopping = StoppingCriteriaList([AnswerLineStop(tokenizer, prompt_length)]) if early_stop else None
         with torch.inference_mode():
             output = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                eos_token_id=list(eos_ids), temperature=None, top_p=None, top_k=None,
+                **encoded, generation_config=generation_config, max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=1, stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                temperature=None, top_p=None, top_k=None,
             )
         new_tokens = output[:, prompt_length:]
         for row, index in enumerate(batch):
@@ -102,6 +118,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 def load_model(model_dir: str | Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(f"model folder '{model_dir}' not found (or it has no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.eval()

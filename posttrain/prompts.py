@@ -58,11 +58,12 @@ def sft_example(record: dict, cfg: EvalConfig) -> dict:
 
 
 def rl_prompt(record: dict, cfg: EvalConfig) -> dict:
-    """A prompt for RL trainers; `answer` travels along as a column for the rewards."""
+    """A prompt for RL trainers; answer, question and solution travel along as columns for the rewards."""
     from posttrain.gsm8k import gold_answer
 
     prompt = prompt_messages(record["question"], cfg) if cfg.prompt_style == "chat" else _plain_block(record["question"])
-    return {"prompt": prompt, "answer": gold_answer(record["answer"])}
+    return {"prompt": prompt, "answer": gold_answer(record["answer"]), "question": record["question"],
+            "solution": target_text(record["answer"])}
 
 
 def protocol(cfg: EvalConfig) -> dict:

@@ -57,9 +57,10 @@ def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Pa
         mlflow.log_metrics(numeric | {"stage_seconds": seconds})
         if "out_dir" in stage.outputs:
             _log_training_curve(paths["out_dir"])
-            for small in ("metrics.json", "records.jsonl", "validation.json", "train_log.json"):
-                if (paths["out_dir"] / small).exists():
-                    mlflow.log_artifact(str(paths["out_dir"] / small), artifact_path=stage.name)
+            small = ("metrics.json", "records.jsonl", "validation.json", "train_log.json")
+            for path in sorted(paths["out_dir"].iterdir()):
+                if path.name in small or path.suffix == ".png":
+                    mlflow.log_artifact(str(path), artifact_path=stage.name)
         if stage.metrics:
             write_json(root / stage.metrics, values | {"stage_seconds": seconds})
     return values

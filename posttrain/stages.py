@@ -16,6 +16,7 @@ import yaml
 PREPARED = "data/prepared"
 MODELS = "models"
 REPORTS = "reports"
+PLOTS = "plots"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Stage:
     extra_deps: tuple[str, ...] = ()  # deps that are not run() arguments
     metrics: str | None = None  # JSON metrics file the runner writes from the module's metrics()
     retries: int = 0  # Prefect retries: for stages that touch the network or the registry
+    plots: bool = False  # outputs are `dvc plots` (not cached) instead of `outs`
 
 
 def _eval_stage(model: str) -> Stage:
@@ -55,6 +57,7 @@ STAGES: list[Stage] = [
           outputs={"out_dir": f"{MODELS}/sft"}),
     Stage("rl", "rl", inputs={"train_path": f"{PREPARED}/train.jsonl", "model_dir": f"{MODELS}/sft"},
           outputs={"out_dir": f"{MODELS}/rl"}, params=("seed", "rl", "eval.prompt_style", "eval.system_prompt"),
+          extra_deps=("posttrain/rewards.py", f"{MODELS}/reward_model"),
           metrics=f"{REPORTS}/rl.json"),
     _eval_stage("base"),
     _eval_stage("sft"),
@@ -63,6 +66,12 @@ STAGES: list[Stage] = [
           inputs={"candidate_dir": f"{MODELS}/rl", "candidate_eval": f"{REPORTS}/eval/rl",
                   "base_eval": f"{REPORTS}/eval/base", "sft_eval": f"{REPORTS}/eval/sft"},
           params=("promote",), metrics=f"{REPORTS}/promotion.json", retries=2),
+    Stage("report", "report",
+          inputs={"sft_log": f"{MODELS}/sft_adapter/train_log.json", "rl_log": f"{MODELS}/rl/train_log.json",
+                  "rm_log": f"{MODELS}/reward_model/train_log.json", "eval_base": f"{REPORTS}/eval_base.json",
+                  "eval_sft": f"{REPORTS}/eval_sft.json", "eval_rl": f"{REPORTS}/eval_rl.json",
+                  "promotion": f"{REPORTS}/promotion.json"},
+          outputs={"out_dir": PLOTS}, plots=True),
 ]
 
 BY_NAME = {stage.name: stage for stage in STAGES}
@@ -83,7 +92,9 @@ def dvc_stages() -> dict:
         entry["deps"] = deps
         if stage.params:
             entry["params"] = list(stage.params)
-        if stage.outputs:
+        if stage.outputs and stage.plots:
+            entry["outs"] = [{path: {"cache": False}} for path in stage.outputs.values()]
+        elif stage.outputs:
             entry["outs"] = list(stage.outputs.values())
         if stage.metrics:
             entry["metrics"] = [{stage.metrics: {"cache": False}}]
@@ -94,8 +105,21 @@ def dvc_stages() -> dict:
 HEADER = "# Generated from posttrain/stages.py by `posttrain dvc-yaml`: edit that file, not this one.\n"
 
 
+def dvc_plots() -> list:
+    """Top-level `plots:` of dvc.yaml: `dvc plots show` / `dvc plots diff` read these."""
+    return [
+        {f"{PLOTS}/sft_loss.json": {"x": "step", "y": "loss", "title": "SFT loss"}},
+        {f"{PLOTS}/rl_reward.json": {"x": "step", "y": "reward", "title": "RL reward"}},
+        {f"{PLOTS}/rl_kl.json": {"x": "step", "y": "kl", "title": "RL KL to reference"}},
+        {f"{PLOTS}/accuracy.json": {"x": "model", "y": ["accuracy_strict", "accuracy_flexible"],
+                                    "template": "bar_horizontal", "title": "GSM8K accuracy"}},
+        f"{PLOTS}/training.png",
+        f"{PLOTS}/accuracy.png",
+    ]
+
+
 def dvc_yaml_text() -> str:
-    return HEADER + yaml.safe_dump({"stages": dvc_stages()}, sort_keys=False, width=120)
+    return HEADER + yaml.safe_dump({"stages": dvc_stages(), "plots": dvc_plots()}, sort_keys=False, width=120)
 
 
 def write_dvc_yaml(root: str | Path = ".") -> Path:

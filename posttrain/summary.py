@@ -51,7 +51,7 @@ def render(result: dict) -> str:
         delta = "" if base_flex is None or model == "base" else f"{m['accuracy_flexible'] - base_flex:+.3f}"
         lines.append(
             f"{model:<7} {m['accuracy_strict']:.3f}   {m['accuracy_flexible']:.3f}     {delta:<20} "
-            f"{m['early_stop_rate']:.2f}        {m['gen_length_mean']:<12.1f} {m['n_questions']}"
+            f"{m['early_stop_rate']:.2f}        {m['gen_length_mean']:<12.1f} {int(m['n_questions'])}"
         )
     if result.get("stage_seconds"):
         lines.append("")

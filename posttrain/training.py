@@ -27,12 +27,47 @@ def trainer_kwargs(training: dict, output_dir: str | Path, seed: int) -> dict:
     return defaults | dict(training) | {"output_dir": str(output_dir)}
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete checkpoint in output_dir, to resume an interrupted run."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _complete(checkpoint: Path) -> bool:
+    """HF writes trainer_state.json after the weights, optimizer and RNG state: parseable means complete."""
+    import json
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(output_dir: str | Path, fingerprint: str) -> str | None:
+    """The newest complete checkpoint of an interrupted run with the same settings, else None.
+
+    Checkpoints from a run with other params (fingerprint) are thrown away, never resumed, and so is
+    a checkpoint that a kill cut off half-written (transformers' get_last_checkpoint would pick it).
+    """
+    import re
+    import shutil
 
     output_dir = Path(output_dir)
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    stamp = output_dir / "fingerprint.txt"
+    if output_dir.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    steps = sorted(
+        (int(m.group(1)), p) for p in output_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
+    )
+    for _, checkpoint in reversed(steps):
+        if _complete(checkpoint):
+            return str(checkpoint)
+        shutil.rmtree(checkpoint)
+    return None
+
+
+def fingerprint(*parts) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def history_metrics(log_history: list[dict]) -> list[tuple[int, dict[str, float]]]:

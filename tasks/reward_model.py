@@ -76,8 +76,9 @@ def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: s
 
     import numpy as np
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
+    set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     cfg = params.reward_model
     model, tokenizer = load_encoder(encoder_source(cfg.encoder), params.seed)
 

@@ -2,21 +2,24 @@
 
     posttrain stage rl               # or: dvc repro rl
 
-grpo: TRL's GRPOTrainer, group-relative advantages over `num_generations` samples per prompt,
-      optional KL to the frozen SFT model (`beta` in rl.training), rewards from posttrain.rewards.
-The LoRA adapter it trains is merged into the SFT model, so the output is a plain HF folder.
+grpo:      TRL's GRPOTrainer, group-relative advantages over `num_generations` samples per prompt,
+           optional KL to the frozen SFT model (`beta` in rl.training), rewards from posttrain.rewards.
+reinforce: posttrain/reinforce.py, batch-mean baseline, normalised advantages, optional KL (`beta`);
+           reads the same GRPOConfig fields (learning_rate, max_steps, temperature, optim, ...).
+The LoRA adapter either trains is merged into the SFT model, so the output is a plain HF folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import rl_prompt
-from posttrain.training import last_checkpoint, summary_of, trainer_kwargs
+from posttrain.training import fingerprint, last_checkpoint, summary_of, trainer_kwargs
 
-METHODS = ("grpo",)
+METHODS = ("grpo", "reinforce")
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -26,25 +29,50 @@ def build_dataset(records: list[dict], params: Params):
     return Dataset.from_list([rl_prompt(r, params.eval) for r in records[:limit]])
 
 
-def run_grpo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+def _policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import GRPOConfig
 
     from posttrain import rewards
 
-    reward_funcs, weights = rewards.build(params.rl.rewards)
+    set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
+    reward_funcs, weights = rewards.build(params.rl.rewards, params.rl.reward_postprocess or None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.rl.lora))
     args = GRPOConfig(**trainer_kwargs(params.rl.training, checkpoint_dir, params.seed), reward_weights=weights)
+    return model, tokenizer, lora, args, reward_funcs
+
+
+def run_grpo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    """Returns (policy with its adapter, tokenizer, log history)."""
+    from trl import GRPOTrainer
+
+    model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
         processing_class=tokenizer, peft_config=lora,
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(checkpoint_dir))
-    return trainer, tokenizer
+    settings = fingerprint(dataclasses.asdict(params.rl), params.seed, str(model_dir), params.eval.prompt_style,
+                           params.eval.system_prompt)
+    resume = last_checkpoint(checkpoint_dir, settings)
+    if resume:
+        print(f"resuming GRPO from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer.model, tokenizer, trainer.state.log_history
+
+
+def run_reinforce(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    from peft import get_peft_model
+
+    from posttrain import reinforce
+
+    model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
+    policy = get_peft_model(model, lora)
+    history = reinforce.train(policy, tokenizer, dataset, reward_funcs, list(args.reward_weights), args)
+    return policy, tokenizer, history
 
 
 def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: str | Path,
@@ -54,12 +82,13 @@ def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: 
     if params.rl.method not in METHODS:
         raise ValueError(f"rl.method: unknown method {params.rl.method!r}; known: {list(METHODS)}")
     dataset = build_dataset(read_jsonl(train_path), params)
-    trainer, tokenizer = run_grpo(params, Path(model_dir), dataset, Path(checkpoint_dir))
-    merged = trainer.model.merge_and_unload()
+    method = {"grpo": run_grpo, "reinforce": run_reinforce}[params.rl.method]
+    policy, tokenizer, history = method(params, Path(model_dir), dataset, Path(checkpoint_dir))
+    merged = policy.merge_and_unload()
     with atomic_path(out_dir, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "train_log.json", trainer.state.log_history)
+        write_json(tmp / "train_log.json", history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return {"model": Path(out_dir)}
 

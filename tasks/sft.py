@@ -10,13 +10,14 @@ checkpoint kept under checkpoints/sft.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
-from posttrain.training import last_checkpoint, summary_of, trainer_kwargs
+from posttrain.training import fingerprint, last_checkpoint, summary_of, trainer_kwargs
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -30,16 +31,22 @@ def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: s
         checkpoint_dir: str | Path = "checkpoints/sft") -> dict:
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     dataset = build_dataset(read_jsonl(train_path), params)
     lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.sft.lora))
     args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    trainer.train(resume_from_checkpoint=last_checkpoint(checkpoint_dir))
+    settings = fingerprint(dataclasses.asdict(params.sft), params.seed, str(base_dir), params.eval.prompt_style,
+                           params.eval.system_prompt)
+    resume = last_checkpoint(checkpoint_dir, settings)
+    if resume:
+        print(f"resuming SFT from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     with atomic_path(out_dir, is_dir=True) as tmp:
         trainer.model.save_pretrained(tmp)  # the adapter only
         tokenizer.save_pretrained(tmp)

@@ -67,9 +67,12 @@ def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
     from posttrain.cli import update_params_file
 
     path.mkdir(parents=True, exist_ok=True)
-    for item in ("params.yaml", "dvc.yaml", "profiles", "tasks"):
+    for item in ("params.yaml", "dvc.yaml", "profiles", "tasks", "posttrain"):
         src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / item)
+        if src.is_dir():
+            shutil.copytree(src, path / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, path / item)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=path, check=True)
     cwd = os.getcwd()

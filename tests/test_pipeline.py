@@ -23,7 +23,7 @@ def test_stage_graph_is_ordered_and_every_input_has_a_producer():
     for stage in stages.STAGES:
         for path in stage.inputs.values():
             assert any(path == out or path.startswith(out + "/") for out in produced), (stage.name, path)
-        produced |= set(stage.outputs.values())
+        produced |= set(stage.outputs.values()) | ({stage.metrics} if stage.metrics else set())
         import importlib
 
         assert hasattr(importlib.import_module(f"tasks.{stage.module}"), "run")
@@ -36,7 +36,7 @@ def test_answer_line_stop_matches_full_generation(tiny_base, params):
     model, tokenizer = load_model(tiny_base)
     prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(7)]
     fast = generate(model, tokenizer, prompts, 10, batch_size=3, sort_by_length=True, early_stop=True, progress=False)
-    slow = generate(model, tokenizer, prompts, 10, batch_size=1, sort_by_length=False, early_stop=False, progress=False)
+    slow = generate(model, tokenizer, prompts, 10, batch_size=1, sort_by_length=False, early_stop=False, stop_at_eos=False, progress=False)
     assert fast.texts == slow.texts
     stop = AnswerLineStop(tokenizer, prompt_length=2)
     newline_last = tokenizer("ab#### 12\n", return_tensors="pt").input_ids

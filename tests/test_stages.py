@@ -83,11 +83,16 @@ def test_dora_variant_trains(params, prepared, tiny_base, tmp_path):
     assert config["use_dora"] is True
 
 
-def test_merged_logits_equal_adapter_logits(params, tiny_base, sft_adapter, session_dir):
+@pytest.fixture(scope="session")
+def merged_sft(params, tiny_base, sft_adapter, session_dir):
+    return merge.run(params, tiny_base, sft_adapter, session_dir / "sft")["model"]
+
+
+def test_merged_logits_equal_adapter_logits(tiny_base, sft_adapter, merged_sft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = merge.run(params, tiny_base, sft_adapter, session_dir / "sft")["model"]
+    out = merged_sft
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(sft_adapter)).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -98,10 +103,8 @@ def test_merged_logits_equal_adapter_logits(params, tiny_base, sft_adapter, sess
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter did change the model
 
 
-def test_grpo_updates_the_policy(params, prepared, session_dir, tmp_path):
-    model_dir = session_dir / "sft"
-    if not model_dir.exists():
-        pytest.skip("needs the merged model from test_merged_logits_equal_adapter_logits")
+def test_grpo_updates_the_policy(params, prepared, merged_sft, tmp_path):
+    model_dir = merged_sft
     p = with_section(params, "rl", rewards={"length_penalty": 1.0, "exact_match": 1.0},
                      training=params.rl.training | {"learning_rate": 5e-2, "max_completion_length": 12, "temperature": 1.5})
     out = rl.run(p, prepared / "train.jsonl", model_dir, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
@@ -140,3 +143,47 @@ def test_corrupted_answers_change_the_final_number():
     for seed in range(20):
         wrong = reward_model.corrupt(answer, random.Random(seed))
         assert parse_number(gold_answer(wrong)) != 7.0 and "<<" not in wrong
+
+
+def test_reinforce_updates_the_policy_with_kl_to_the_reference(params, prepared, merged_sft, tmp_path):
+    model_dir = merged_sft
+    p = with_section(params, "rl", method="reinforce", rewards={"length_penalty": 1.0},
+                     training=params.rl.training | {"learning_rate": 5e-2, "max_completion_length": 12,
+                                                    "temperature": 1.5, "beta": 0.1, "max_steps": 2,
+                                                    "per_device_train_batch_size": 4})
+    out = rl.run(p, prepared / "train.jsonl", model_dir, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
+    from safetensors.torch import load_file
+
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log] == [1, 2] and all("kl" in e and "reward" in e for e in log)
+    assert log[-1]["kl"] > 0  # after one update the policy has moved away from the frozen reference
+
+
+def test_reinforce_advantages_and_loss():
+    from posttrain.reinforce import advantages, k3_kl, reinforce_loss
+
+    adv = advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(adv.mean(), torch.tensor(0.0)) and torch.allclose(adv.std(), torch.tensor(1.0), atol=1e-4)
+    assert torch.equal(advantages(torch.tensor([2.0, 2.0])), torch.zeros(2))
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]], requires_grad=True)
+    assert torch.allclose(k3_kl(logp, logp), torch.zeros(2, 2))
+    loss, _ = reinforce_loss(logp, None, torch.ones(2, 2), torch.tensor([1.0, 0.0]), beta=0.0)
+    loss.backward()
+    # The rewarded sequence's log-probs get pushed up (negative gradient of the loss), the other's down.
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()
+
+
+def test_last_checkpoint_skips_half_written_and_foreign_checkpoints(tmp_path):
+    from posttrain.training import last_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    assert last_checkpoint(ckpt, "a") is None
+    (ckpt / "checkpoint-5").mkdir()
+    (ckpt / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    (ckpt / "checkpoint-10").mkdir()
+    (ckpt / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert last_checkpoint(ckpt, "a") == str(ckpt / "checkpoint-5")
+    assert not (ckpt / "checkpoint-10").exists()
+    assert last_checkpoint(ckpt, "b") is None and not (ckpt / "checkpoint-5").exists()  # other settings
