@@ -36,7 +36,7 @@ def parse_number(text: str | None) -> float | None:
     """Turn '1,234.5', '$12', '3/4', '7.' or '-2' into a float; None when it is not a number."""
     if text is None:
         return None
-    cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    cleaned = _clean(text.strip().replace(" ", ""))
     if not cleaned:
         return None
     try:

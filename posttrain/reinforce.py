@@ -54,7 +54,7 @@ def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], 
     from tqdm.auto import tqdm
     from transformers import Trainer, get_scheduler
 
-    from posttrain.rewards import completion_text
+    from posttrain.rewards import weighted_total
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -85,8 +85,7 @@ def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], 
         texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
         columns = {k: [b[k] for b in batch] for k in batch[0] if k != "prompt"}
         per_reward = [fn(prompts=prompts, completions=texts, **columns) for fn in reward_funcs]
-        rewards = torch.tensor([sum(w * float(r[i] or 0.0) for w, r in zip(reward_weights, per_reward))
-                                for i in range(len(batch))])
+        rewards = torch.tensor(weighted_total(per_reward, reward_weights))
         attention = torch.cat([encoded.attention_mask, mask.long()], dim=1)
         model.train()
         logp = completion_logprobs(model, sequences, attention, prompt_length)

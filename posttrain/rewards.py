@@ -251,15 +251,18 @@ class RunningNorm:
         return [(v - self.mean) / math.sqrt(self.var + self.eps) for v in values]
 
 
+def weighted_total(per_reward: list[list[float | None]], weights: list[float]) -> list[float]:
+    """Per-completion sum of weight * reward; a reward of None (not applicable) counts as 0."""
+    return [sum(w * float(values[i] or 0.0) for w, values in zip(weights, per_reward)) for i in range(len(per_reward[0]))]
+
+
 def weighted_sum(components: list[tuple[RewardFn, float]], clip: list[float] | None = None, scale: float = 1.0,
                  normalize: bool = False, ema_decay: float = 0.99) -> RewardFn:
     norm = RunningNorm(ema_decay) if normalize else None
 
     def combined(completions, **columns) -> list[float]:
-        totals = [0.0] * len(completions)
-        for fn, weight in components:
-            for i, value in enumerate(fn(completions=completions, **columns)):
-                totals[i] += weight * float(value or 0.0)
+        totals = weighted_total([fn(completions=completions, **columns) for fn, _ in components],
+                                [weight for _, weight in components])
         if clip:
             totals = [min(max(v, clip[0]), clip[1]) for v in totals]
         totals = [v * scale for v in totals]

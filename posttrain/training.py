@@ -63,6 +63,14 @@ def last_checkpoint(output_dir: str | Path, fingerprint: str) -> str | None:
     return None
 
 
+def train_resumable(trainer, checkpoint_dir: str | Path, label: str, *settings) -> None:
+    """trainer.train(), resuming from the last complete checkpoint written under the same settings."""
+    resume = last_checkpoint(checkpoint_dir, fingerprint(*settings))
+    if resume:
+        print(f"resuming {label} from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+
+
 def fingerprint(*parts) -> str:
     import hashlib
     import json

@@ -17,7 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import rl_prompt
-from posttrain.training import fingerprint, last_checkpoint, summary_of, trainer_kwargs
+from posttrain.training import summary_of, train_resumable, trainer_kwargs
 
 METHODS = ("grpo", "reinforce")
 
@@ -55,12 +55,8 @@ def run_grpo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
         processing_class=tokenizer, peft_config=lora,
     )
-    settings = fingerprint(dataclasses.asdict(params.rl), params.seed, str(model_dir), params.eval.prompt_style,
-                           params.eval.system_prompt)
-    resume = last_checkpoint(checkpoint_dir, settings)
-    if resume:
-        print(f"resuming GRPO from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    train_resumable(trainer, checkpoint_dir, "GRPO", dataclasses.asdict(params.rl), params.seed, str(model_dir),
+                    params.eval.prompt_style, params.eval.system_prompt)
     return trainer.model, tokenizer, trainer.state.log_history
 
 

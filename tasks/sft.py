@@ -17,7 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
-from posttrain.training import fingerprint, last_checkpoint, summary_of, trainer_kwargs
+from posttrain.training import summary_of, train_resumable, trainer_kwargs
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -41,12 +41,8 @@ def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: s
     lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.sft.lora))
     args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    settings = fingerprint(dataclasses.asdict(params.sft), params.seed, str(base_dir), params.eval.prompt_style,
-                           params.eval.system_prompt)
-    resume = last_checkpoint(checkpoint_dir, settings)
-    if resume:
-        print(f"resuming SFT from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    train_resumable(trainer, checkpoint_dir, "SFT", dataclasses.asdict(params.sft), params.seed, str(base_dir),
+                    params.eval.prompt_style, params.eval.system_prompt)
     with atomic_path(out_dir, is_dir=True) as tmp:
         trainer.model.save_pretrained(tmp)  # the adapter only
         tokenizer.save_pretrained(tmp)
