@@ -27,6 +27,16 @@ def trainer_kwargs(training: dict, output_dir: str | Path, seed: int) -> dict:
     return defaults | dict(training) | {"output_dir": str(output_dir)}
 
 
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
+
+
+def lora_config(overrides: dict):
+    """A causal-LM LoraConfig: the project's defaults under the params section's LoraConfig fields."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **(LORA_DEFAULTS | overrides))
+
+
 def _complete(checkpoint: Path) -> bool:
     """HF writes trainer_state.json after the weights, optimizer and RNG state: parseable means complete."""
     import json

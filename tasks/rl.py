@@ -17,10 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import rl_prompt
-from posttrain.training import summary_of, train_resumable, trainer_kwargs
-
-METHODS = ("grpo", "reinforce")
-
+from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
 def build_dataset(records: list[dict], params: Params):
     from datasets import Dataset
@@ -31,7 +28,6 @@ def build_dataset(records: list[dict], params: Params):
 
 def _policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import GRPOConfig
 
@@ -41,7 +37,7 @@ def _policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):
     reward_funcs, weights = rewards.build(params.rl.rewards, params.rl.reward_postprocess or None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.rl.lora))
+    lora = lora_config(params.rl.lora)
     args = GRPOConfig(**trainer_kwargs(params.rl.training, checkpoint_dir, params.seed), reward_weights=weights)
     return model, tokenizer, lora, args, reward_funcs
 
@@ -71,6 +67,9 @@ def run_reinforce(params: Params, model_dir: Path, dataset, checkpoint_dir: Path
     return policy, tokenizer, history
 
 
+METHODS = {"grpo": run_grpo, "reinforce": run_reinforce}
+
+
 def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: str | Path,
         checkpoint_dir: str | Path = "checkpoints/rl") -> dict:
     import shutil
@@ -78,8 +77,7 @@ def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: 
     if params.rl.method not in METHODS:
         raise ValueError(f"rl.method: unknown method {params.rl.method!r}; known: {list(METHODS)}")
     dataset = build_dataset(read_jsonl(train_path), params)
-    method = {"grpo": run_grpo, "reinforce": run_reinforce}[params.rl.method]
-    policy, tokenizer, history = method(params, Path(model_dir), dataset, Path(checkpoint_dir))
+    policy, tokenizer, history = METHODS[params.rl.method](params, Path(model_dir), dataset, Path(checkpoint_dir))
     merged = policy.merge_and_unload()
     with atomic_path(out_dir, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
-from posttrain.training import summary_of, train_resumable, trainer_kwargs
+from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -30,7 +30,6 @@ def build_dataset(records: list[dict], params: Params):
 def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
         checkpoint_dir: str | Path = "checkpoints/sft") -> dict:
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -38,7 +37,7 @@ def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: s
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     dataset = build_dataset(read_jsonl(train_path), params)
-    lora = LoraConfig(task_type="CAUSAL_LM", **({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"} | params.sft.lora))
+    lora = lora_config(params.sft.lora)
     args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     train_resumable(trainer, checkpoint_dir, "SFT", dataclasses.asdict(params.sft), params.seed, str(base_dir),
