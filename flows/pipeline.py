@@ -37,11 +37,19 @@ def run_stage(name: str, root: str) -> str:
 
 
 @flow(name="posttrain-pipeline", log_prints=True)
-def pipeline(root: str = ".", run_name: str | None = None) -> dict:
-    """Run every stage; return the summary (accuracies, gate decision, MLflow ids)."""
+def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Run every stage; return the summary (accuracies, gate decision, MLflow ids).
+
+    `overrides` (key=value, as `posttrain run -S`) are written into root's params.yaml first: how a
+    deployment (`posttrain serve/deploy -S ...`) pins knobs; everything else comes from params.yaml.
+    """
     import mlflow
 
     root = str(Path(root).resolve())
+    if overrides:
+        from posttrain.cli import update_params_file
+
+        update_params_file(Path(root) / "params.yaml", None, list(overrides))
     with tracking.pipeline_run(root, run_name=run_name) as parent:
         mlflow.log_artifact(str(Path(root) / "params.yaml"))
         for stage in stages.STAGES:

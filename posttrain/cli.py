@@ -85,8 +85,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    from posttrain import distributed
     from posttrain.runner import run_stage
+    from posttrain.stages import get
 
+    # Training stages under a multi-process launcher: every rank runs this command again (see posttrain/distributed.py).
+    launcher = args.launcher or os.environ.get(distributed.LAUNCHER_ENV, "")
+    if launcher and get(args.name).data_parallel and not distributed.launched():
+        return distributed.relaunch(launcher, args.name, quiet=args.quiet)
+    if os.environ.get(distributed.LAUNCHED_ENV) and distributed.world_size() == 1:
+        print("warning: the launcher started one process only (without a GPU `accelerate launch --num_processes N` "
+              "needs --multi_gpu or configs/accelerate/cpu_ddp.yaml)", file=sys.stderr)
     run_stage(args.name)
     return 0
 
@@ -139,18 +148,53 @@ def cmd_ui(args) -> int:
 
     from posttrain.tracking import tracking_uri
 
-    uri = tracking_uri(".")
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}")
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", args.host, "--port", str(args.port)])
+    uri = args.backend_store_uri or tracking_uri(".")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    if args.artifacts_destination:  # clients then log artifacts through this server (proxied)
+        command += ["--artifacts-destination", args.artifacts_destination]
+    if args.auth:  # users from MLFLOW_AUTH_CONFIG_PATH's database; clients send MLFLOW_TRACKING_USERNAME/PASSWORD
+        if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            raise ConfigError("--auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (a random secret, the same for every "
+                              "server process) and MLFLOW_AUTH_CONFIG_PATH (users database, admin account)")
+        command += ["--app-name", "basic-auth"]
+    print(f"MLflow server for {uri} at http://{args.host}:{args.port}")
+    return subprocess.call(command)
+
+
+def _deployment_parameters(args) -> dict:
+    """The flow's parameters for a deployment: the workspace, and -S overrides validated now."""
+    from posttrain.config import load_params
+
+    overrides = args.set or []
+    load_params("params.yaml", overrides=overrides)  # a bad -S fails here in one line, not at 2 am
+    return {"root": getattr(args, "root", None) or str(Path(".").resolve()), "overrides": overrides}
 
 
 def cmd_serve(args) -> int:
     from flows.pipeline import pipeline
 
+    parameters = _deployment_parameters(args)
     print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop); "
           "PREFECT_API_URL picks the server, none starts a local one")
-    pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(Path(".").resolve())})
+    pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    import flows.pipeline
+    from flows.pipeline import pipeline
+
+    parameters = _deployment_parameters(args)
+    # The flow's code: the checkout flows/ is imported from by default (process workers on this machine),
+    # or a git URL / bucket that a Docker or Kubernetes worker pulls.
+    source = args.source or str(Path(flows.pipeline.__file__).resolve().parents[1])
+    flow = pipeline.from_source(source=source, entrypoint="flows/pipeline.py:pipeline")
+    deployment_id = flow.deploy(name=args.name, work_pool_name=args.pool, cron=args.cron, image=args.image,
+                                build=False, push=False, parameters=parameters, print_next_steps=False)
+    print(f"deployment 'posttrain-pipeline/{args.name}' ({deployment_id}) on work pool '{args.pool}'"
+          f"{' with cron ' + repr(args.cron) if args.cron else ''}; start a worker: "
+          f"prefect worker start --pool {args.pool}")
     return 0
 
 
@@ -171,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.stages import BY_NAME
 
     stage.add_argument("name", choices=list(BY_NAME), help="stage to run")
+    stage.add_argument("--launcher", metavar="COMMAND",
+                       help="run a training stage (sft, rl) on several processes/GPUs under this launcher, e.g. "
+                            "'accelerate launch --config_file configs/accelerate/ddp.yaml' (default: $POSTTRAIN_LAUNCHER; "
+                            "other stages ignore it)")
     stage.set_defaults(func=cmd_stage)
 
     dvc_yaml = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from posttrain/stages.py")
@@ -193,11 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule in cron syntax (default: %(default)s, nightly)")
     serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
+    serve.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                       help="params.yaml value every scheduled run writes first (repeatable); the rest comes from params.yaml")
     serve.set_defaults(func=cmd_serve)
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1 only by default)")
+    deploy = sub.add_parser("deploy", help="register the pipeline on a Prefect work pool (a worker runs it)")
+    deploy.add_argument("--pool", required=True, help="work pool name (process, docker or kubernetes type)")
+    deploy.add_argument("--name", default="retrain", help="deployment name (default: %(default)s)")
+    deploy.add_argument("--cron", help="optional schedule in cron syntax (default: runs only when triggered)")
+    deploy.add_argument("--source", help="where workers get the flow code: a folder or git URL (default: this checkout)")
+    deploy.add_argument("--image", help="container image for docker/kubernetes work pools (used as is, not built)")
+    deploy.add_argument("--root", help="workspace as the worker sees it; '.' = the run's working directory, "
+                                       "e.g. the cloned --source (default: this folder)")
+    deploy.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                        help="params.yaml value every run writes first (repeatable)")
+    deploy.set_defaults(func=cmd_deploy)
+
+    ui = sub.add_parser("ui", help="MLflow UI and tracking server, local store by default (127.0.0.1 only by default)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    ui.add_argument("--backend-store-uri", help="tracking database, e.g. postgresql://user@db/mlflow (default: the local store)")
+    ui.add_argument("--artifacts-destination", help="where the server stores logged artifacts, e.g. s3://bucket/mlflow")
+    ui.add_argument("--auth", action="store_true", help="require a user and password (MLflow basic-auth app)")
+    ui.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s; more for a team server)")
     ui.set_defaults(func=cmd_ui)
     return parser
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -43,27 +44,56 @@ class BaseConfig:
 
 @dataclass
 class RewardModelConfig:
-    encoder: str = "minilm"  # minilm (PyPI wheel) | tiny | local HF folder
+    kind: str = "classifier"  # classifier (encoder verifier; DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO)
+    encoder: str = "minilm"  # classifier: minilm (PyPI wheel) | tiny | local HF folder
     n_examples: int = 512  # references + corrupted references used to train the verifier
     max_length: int = 256
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields
 
 
+QUANTIZATION = ("none", "4bit", "8bit")  # sft.quantization: bitsandbytes precision of the frozen base
+
+
 @dataclass
 class SFTConfig:
     max_examples: int = 256
+    quantization: str = "none"  # none | 4bit (QLoRA: nf4 base, bitsandbytes) | 8bit: the frozen base's precision
     lora: dict = field(default_factory=dict)  # peft.LoraConfig fields (use_dora: true for DoRA)
     training: dict = field(default_factory=dict)  # trl.SFTConfig fields
 
 
 @dataclass
+class DraftConfig:
+    """DRaFT: loss = LM loss - beta_t * reward(Gumbel-softmax soft tokens -> frozen encoder reward model)."""
+
+    reward_model: str = "models/reward_model"  # frozen encoder classifier (reward_model.kind: classifier)
+    beta: float = 1.0  # reward weight once warmed up
+    warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps
+    tau: float = 1.0  # Gumbel-softmax temperature
+    hard: bool = False  # straight-through one-hot samples instead of soft ones
+    training: dict = field(default_factory=dict)  # trl.SFTConfig fields (the LM-loss side is an SFT step)
+
+
+@dataclass
+class HybridConfig:
+    """Alternating SFT and RL steps on one policy; the share of SFT steps moves linearly start -> end."""
+
+    sft_fraction_start: float = 0.5  # share of SFT steps at the first step (1.0 = only SFT)
+    sft_fraction_end: float = 0.5  # ... and at the last step (lower than start = curriculum towards RL)
+    sft_batch_size: int = 4
+
+
+@dataclass
 class RLConfig:
-    method: str = "grpo"  # grpo | reinforce
-    max_prompts: int = 64
-    lora: dict = field(default_factory=dict)  # peft.LoraConfig fields
-    training: dict = field(default_factory=dict)  # trl.GRPOConfig fields
+    method: str = "grpo"  # grpo | reinforce | ppo | draft | hybrid
+    max_prompts: int = 64  # training questions used (as prompts, or as question -> answer pairs by draft/hybrid)
+    lora: dict = field(default_factory=dict)  # peft.LoraConfig fields (use_dora: true for DoRA)
+    training: dict = field(default_factory=dict)  # trl.GRPOConfig fields (grpo, reinforce, hybrid's RL steps)
     rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})  # name -> weight or {weight, options}
     reward_postprocess: dict = field(default_factory=dict)  # clip: [lo, hi], scale, normalize, ema_decay
+    ppo: dict = field(default_factory=dict)  # trl.experimental.ppo.PPOConfig fields (method: ppo)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
 @dataclass
@@ -106,6 +136,8 @@ def _library_fields() -> dict[tuple[str, ...], Any]:
     from transformers import LlamaConfig, TrainingArguments
     from trl import GRPOConfig
     from trl import SFTConfig as TRLSFTConfig
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12 (STACK.md)
+    from trl.experimental.ppo import PPOConfig
 
     return {
         ("base", "tiny"): set(LlamaConfig().to_dict()) | {"vocab_size"},
@@ -114,6 +146,8 @@ def _library_fields() -> dict[tuple[str, ...], Any]:
         ("sft", "training"): {f.name for f in dataclasses.fields(TRLSFTConfig)},
         ("rl", "lora"): {f.name for f in dataclasses.fields(LoraConfig)},
         ("rl", "training"): {f.name for f in dataclasses.fields(GRPOConfig)},
+        ("rl", "ppo"): {f.name for f in dataclasses.fields(PPOConfig)},
+        ("rl", "draft", "training"): {f.name for f in dataclasses.fields(TRLSFTConfig)},
     }
 
 
@@ -233,9 +267,14 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     raw = apply_overrides(raw, overrides or [])
     where = _Where(str(path), lines)
     params = _build(Params, raw, (), where)
+    if params.sft.quantization not in QUANTIZATION:
+        raise ConfigError(f"{where(('sft', 'quantization'))}: 'sft.quantization' must be one of "
+                          f"{', '.join(QUANTIZATION)}, got {params.sft.quantization!r}")
     if check_library_fields:
         for section_path, allowed in _library_fields().items():
-            section = getattr(getattr(params, section_path[0]), section_path[1])
+            section = params
+            for name in section_path:
+                section = getattr(section, name)
             for key in section:
                 if key not in allowed:
                     key_path = section_path + (str(key),)

@@ -19,6 +19,7 @@ import torch
 
 from posttrain.config import EvalConfig
 from posttrain.gsm8k import gold_answer, has_final_answer_line, score
+from posttrain.io import require_safetensors
 from posttrain.prompts import digest, prompt_text, protocol
 
 
@@ -120,8 +121,9 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
 
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"model folder '{model_dir}' not found (or it has no config.json)")
+    require_safetensors(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")

@@ -64,6 +64,19 @@ def atomic_path(final: str | Path, is_dir: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def require_safetensors(folder: str | Path) -> Path:
+    """Weights load from safetensors only: unpickling a .bin/.pt file from elsewhere can run its code."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        refused = f" (pickle-based {', '.join(pickled)} refused: convert to safetensors)" if pickled else ""
+        raise DataError(f"{folder}: no *.safetensors weights{refused}")
+    return folder
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

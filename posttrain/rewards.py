@@ -164,7 +164,7 @@ def cosine_factory(model: str = "minilm", batch_size: int = 32):
     from transformers import AutoModel, AutoTokenizer
 
     path = _local_model_path("cosine", "model", model)
-    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
     def embed(texts: list[str]) -> torch.Tensor:
         out = []
@@ -189,7 +189,7 @@ def _classifier_reward(name: str, model: str | None, label: str | None, question
 
     path = _local_model_path(name, "model", model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    classifier = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
     labels = {v.lower(): int(k) for k, v in classifier.config.id2label.items()}
 
     def reward(completions, question=None, **_) -> list[float]:

@@ -9,7 +9,7 @@ import importlib
 import time
 from pathlib import Path
 
-from posttrain import stages, tracking
+from posttrain import distributed, stages, tracking
 from posttrain.config import flatten, load_params, to_dict
 from posttrain.io import write_json
 
@@ -44,8 +44,19 @@ def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Pa
     params = load_params(root / params_path)
     module = importlib.import_module(f"tasks.{stage.module}")
     paths = {k: root / v for k, v in {**stage.inputs, **stage.outputs}.items()}
+    dist = distributed.state()  # None in a single process
+    if dist is not None and not dist.is_main_process:
+        # Another rank of a launched stage: train alongside rank 0 (data-parallel stages only), then wait
+        # while rank 0 writes the outputs, reports and MLflow run.
+        if stage.data_parallel:
+            module.run(params, **paths)
+        print(f"stage {stage.name}: rank {dist.process_index}/{dist.num_processes} done; rank 0 writes the outputs")
+        dist.wait_for_everyone()
+        return {}
     with tracking.stage_run(stage.name, root):
         tracking.log_flat_params(_section_params(to_dict(params), stage.params))
+        if dist is not None:
+            mlflow.set_tag("posttrain.world_size", dist.num_processes)
         started = time.perf_counter()
         result = module.run(params, **paths) or {}
         seconds = time.perf_counter() - started
@@ -63,4 +74,6 @@ def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Pa
                     mlflow.log_artifact(str(path), artifact_path=stage.name)
         if stage.metrics:
             write_json(root / stage.metrics, values | {"stage_seconds": seconds})
+    if dist is not None:
+        dist.wait_for_everyone()
     return values

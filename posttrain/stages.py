@@ -30,6 +30,7 @@ class Stage:
     metrics: str | None = None  # JSON metrics file the runner writes from the module's metrics()
     retries: int = 0  # Prefect retries: for stages that touch the network or the registry
     plots: bool = False  # outputs are `dvc plots` (not cached) instead of `outs`
+    data_parallel: bool = False  # every rank trains under a launcher (posttrain/distributed.py); else rank 0 only
 
 
 def _eval_stage(model: str) -> Stage:
@@ -47,18 +48,21 @@ STAGES: list[Stage] = [
     Stage("base", "base", outputs={"out_dir": f"{MODELS}/base"}, params=("seed", "base"),
           metrics=f"{REPORTS}/base.json", retries=2),
     Stage("reward_model", "reward_model",
-          inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl"},
-          outputs={"out_dir": f"{MODELS}/reward_model"}, params=("seed", "reward_model"),
+          # base_dir: kind=pairwise starts from the base LM (and shares its tokenizer with the policy)
+          inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl",
+                  "base_dir": f"{MODELS}/base"},
+          outputs={"out_dir": f"{MODELS}/reward_model"}, params=("seed", "reward_model", "eval.prompt_style",
+                                                                 "eval.system_prompt"),
           metrics=f"{REPORTS}/reward_model.json"),
     Stage("sft", "sft", inputs={"train_path": f"{PREPARED}/train.jsonl", "base_dir": f"{MODELS}/base"},
           outputs={"out_dir": f"{MODELS}/sft_adapter"}, params=("seed", "sft", "eval.prompt_style", "eval.system_prompt"),
-          metrics=f"{REPORTS}/sft.json"),
+          metrics=f"{REPORTS}/sft.json", data_parallel=True),
     Stage("merge", "merge", inputs={"base_dir": f"{MODELS}/base", "adapter_dir": f"{MODELS}/sft_adapter"},
           outputs={"out_dir": f"{MODELS}/sft"}),
     Stage("rl", "rl", inputs={"train_path": f"{PREPARED}/train.jsonl", "model_dir": f"{MODELS}/sft"},
           outputs={"out_dir": f"{MODELS}/rl"}, params=("seed", "rl", "eval.prompt_style", "eval.system_prompt"),
-          extra_deps=("posttrain/rewards.py", f"{MODELS}/reward_model"),
-          metrics=f"{REPORTS}/rl.json"),
+          extra_deps=("posttrain/rewards.py", "posttrain/ppo.py", f"{MODELS}/reward_model"),
+          metrics=f"{REPORTS}/rl.json", data_parallel=True),
     _eval_stage("base"),
     _eval_stage("sft"),
     _eval_stage("rl"),

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 PARENT_ENV = "POSTTRAIN_PARENT_RUN_ID"
 EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
+# Where a NEW experiment keeps its artifacts, e.g. s3://bucket/mlflow (with MLFLOW_S3_ENDPOINT_URL and
+# AWS_* credentials for an S3-compatible store). An existing experiment keeps the location it was created with.
+ARTIFACTS_ENV = "POSTTRAIN_ARTIFACT_LOCATION"
 DEFAULT_EXPERIMENT = "posttrain-gsm8k"
 
 
@@ -30,9 +34,10 @@ def setup(root: str | Path = ".") -> str:
     mlflow.set_tracking_uri(uri)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
+    wanted = os.environ.get(ARTIFACTS_ENV, "").rstrip("/") or None
     if experiment is None:
-        artifact_location = None
-        if uri.startswith("sqlite:"):
+        artifact_location = wanted
+        if artifact_location is None and uri.startswith("sqlite:"):
             # A sqlite store has no artifact root of its own: keep artifacts beside it.
             artifacts = Path(root).resolve() / "mlflow" / "artifacts"
             artifacts.mkdir(parents=True, exist_ok=True)
@@ -40,6 +45,9 @@ def setup(root: str | Path = ".") -> str:
         experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
     else:
         experiment_id = experiment.experiment_id
+        if wanted and experiment.artifact_location.rstrip("/") != wanted:
+            print(f"warning: {ARTIFACTS_ENV}={wanted} ignored: experiment '{name}' already stores artifacts at "
+                  f"{experiment.artifact_location} (set {EXPERIMENT_ENV} to start a new experiment)", file=sys.stderr)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

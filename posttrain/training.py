@@ -37,6 +37,39 @@ def lora_config(overrides: dict):
     return LoraConfig(task_type="CAUSAL_LM", **(LORA_DEFAULTS | overrides))
 
 
+def load_causal_lm(model_dir: str | Path, quantization: str = "none", gradient_checkpointing: bool = True,
+                   field: str = "quantization"):
+    """The model to put LoRA on: fp32 weights, or a bitsandbytes 4-bit (QLoRA: nf4, double quantization)
+    or 8-bit base made ready for k-bit training (norms in fp32, input gradients on).
+
+    The base stays quantized and frozen; only the adapter trains (TRL keeps a quantized model's
+    adapter in bf16, as the QLoRA paper does). `field` names the params key in errors.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import QUANTIZATION, ConfigError
+
+    if quantization not in QUANTIZATION:  # load_params refuses it first; this guards direct callers
+        raise ConfigError(f"{field}: unknown value {quantization!r} (one of: {', '.join(QUANTIZATION)})")
+    if quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from posttrain import distributed
+
+    if quantization == "4bit":
+        on_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16 if on_bf16_gpu else torch.float32)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    # device_map pins the whole model to this rank's device (cpu without a GPU): bitsandbytes needs it.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map=distributed.device_map(),
+                                                 dtype=torch.float32, use_safetensors=True)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def _complete(checkpoint: Path) -> bool:
     """HF writes trainer_state.json after the weights, optimizer and RNG state: parseable means complete."""
     import json
@@ -48,34 +81,48 @@ def _complete(checkpoint: Path) -> bool:
         return False
 
 
-def last_checkpoint(output_dir: str | Path, fingerprint: str) -> str | None:
+def last_checkpoint(output_dir: str | Path, fingerprint: str, clean: bool = True) -> str | None:
     """The newest complete checkpoint of an interrupted run with the same settings, else None.
 
     Checkpoints from a run with other params (fingerprint) are thrown away, never resumed, and so is
     a checkpoint that a kill cut off half-written (transformers' get_last_checkpoint would pick it).
+    clean=False only looks (the other ranks of a launched run, once rank 0 has cleaned).
     """
     import re
     import shutil
 
     output_dir = Path(output_dir)
     stamp = output_dir / "fingerprint.txt"
-    if output_dir.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    if clean:
+        if output_dir.is_dir() and (not stamp.exists() or stamp.read_text() != fingerprint):
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    elif not output_dir.is_dir():
+        return None
     steps = sorted(
         (int(m.group(1)), p) for p in output_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
     )
     for _, checkpoint in reversed(steps):
         if _complete(checkpoint):
             return str(checkpoint)
-        shutil.rmtree(checkpoint)
+        if clean:
+            shutil.rmtree(checkpoint)
     return None
 
 
 def train_resumable(trainer, checkpoint_dir: str | Path, label: str, *settings) -> None:
-    """trainer.train(), resuming from the last complete checkpoint written under the same settings."""
-    resume = last_checkpoint(checkpoint_dir, fingerprint(*settings))
+    """trainer.train(), resuming from the last complete checkpoint written under the same settings.
+
+    Under a launcher only rank 0 cleans the checkpoint folder; the others wait, then pick the same one.
+    """
+    from posttrain import distributed
+
+    main = distributed.is_main()
+    resume = last_checkpoint(checkpoint_dir, fingerprint(*settings)) if main else None
+    distributed.wait_for_everyone()
+    if not main:
+        resume = last_checkpoint(checkpoint_dir, fingerprint(*settings), clean=False)
     if resume:
         print(f"resuming {label} from {resume}")
     trainer.train(resume_from_checkpoint=resume)

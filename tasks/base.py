@@ -106,7 +106,7 @@ def load_source(source: str, tiny: dict, seed: int):
     if source.startswith((".", "/")) and not path.exists():
         raise FileNotFoundError(f"base.source: model folder '{source}' not found")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     return model, tokenizer
 
 

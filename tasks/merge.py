@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config import Params
-from posttrain.io import atomic_path
+from posttrain.io import atomic_path, require_safetensors
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path):
@@ -16,7 +16,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    require_safetensors(adapter_dir)  # PEFT would fall back to a pickled adapter_model.bin
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

@@ -1,11 +1,17 @@
-"""Stage `reward_model`: an outcome verifier on a small encoder (default all-MiniLM-L6-v2).
+"""Stage `reward_model`: a learned reward for GSM8K answers, kind chosen by `reward_model.kind`.
 
     posttrain stage reward_model     # or: dvc repro reward_model
 
 For GSM8K the learned reward is "is this worked answer correct?". Positives are reference
 solutions; negatives are the same solutions with the final answer (and the last line's result)
-changed, so the verifier must read the numbers, not the style. An encoder with a one-logit head
-is trained with the HF Trainer (BCE) and saved with safetensors.
+changed, so the model must read the numbers, not the style.
+
+classifier: an outcome verifier on a small encoder (default all-MiniLM-L6-v2) with a one-logit head,
+            trained with the HF Trainer (BCE). Used by DRaFT and the `verifier` reward.
+pairwise:   the base LM with a scalar head (AutoModelForSequenceClassification, num_labels=1), trained
+            with TRL's RewardTrainer (Bradley-Terry loss) on (prompt, chosen, rejected) pairs in the
+            evaluation prompt protocol. It shares the policy's tokenizer, so PPO scores token ids directly.
+Both save safetensors, train_log.json and eval.json (val accuracy; for pairwise P(chosen > rejected)).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.gsm8k import gold_answer, parse_number
 from posttrain.io import atomic_path, read_jsonl, write_json
-from posttrain.prompts import target_text
+from posttrain.prompts import sft_example, target_text
 from posttrain.training import summary_of, trainer_kwargs
 
 
@@ -50,6 +56,18 @@ def build_examples(records: list[dict], n: int, seed: int) -> list[dict]:
     return examples
 
 
+def build_pairs(records: list[dict], n: int, seed: int, eval_cfg) -> list[dict]:
+    """Preference pairs in the evaluation prompt protocol: the reference answer beats the same answer
+    with a wrong final number. `n` counts sequences, as for the classifier (n // 2 pairs)."""
+    rng = random.Random(seed)
+    pairs = []
+    for record in records[: max(1, n // 2)]:
+        good = sft_example(record, eval_cfg)
+        bad = sft_example({"question": record["question"], "answer": corrupt(record["answer"], rng)}, eval_cfg)
+        pairs.append({"prompt": good["prompt"], "chosen": good["completion"], "rejected": bad["completion"]})
+    return pairs
+
+
 def load_encoder(source: str, seed: int):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -66,14 +84,73 @@ def load_encoder(source: str, seed: int):
                             pad_token_id=tokenizer.pad_token_id)
         return BertForSequenceClassification(config), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32, use_safetensors=True)
     return model, tokenizer
 
 
+KINDS = ("classifier", "pairwise")
+
+
 def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
-        checkpoint_dir: str | Path = "checkpoints/reward_model") -> dict:
+        checkpoint_dir: str | Path = "checkpoints/reward_model", base_dir: str | Path = "models/base") -> dict:
+    kind = params.reward_model.kind
+    if kind not in KINDS:
+        raise ValueError(f"reward_model.kind: unknown kind {kind!r}; known: {list(KINDS)}")
+    if kind == "pairwise":
+        return run_pairwise(params, train_path, val_path, out_dir, checkpoint_dir, base_dir)
+    return run_classifier(params, train_path, val_path, out_dir, checkpoint_dir)
+
+
+def run_pairwise(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
+                 checkpoint_dir: str | Path, base_dir: str | Path) -> dict:
+    """The base LM + a scalar head, trained on preference pairs with TRL's RewardTrainer."""
     import shutil
 
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = params.reward_model
+    if not (Path(base_dir) / "config.json").exists():
+        raise FileNotFoundError(f"reward_model.kind=pairwise: no base model at '{base_dir}' (run the base stage first)")
+    set_seed(params.seed)  # before the scalar head is built: it starts the same every run
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.float32, use_safetensors=True)
+    # max_length: TRL drops (never truncates) pairs longer than this; truncation would cut the final answer.
+    defaults = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-5, "logging_steps": 5,
+                "eval_strategy": "no", "save_strategy": "no", "gradient_checkpointing": False,
+                "max_length": cfg.max_length}
+    args = RewardConfig(**trainer_kwargs(defaults | cfg.training, checkpoint_dir, params.seed))
+    train = Dataset.from_list(build_pairs(read_jsonl(train_path), cfg.n_examples, params.seed, params.eval))
+    val = Dataset.from_list(build_pairs(read_jsonl(val_path), min(cfg.n_examples, 128), params.seed + 1, params.eval))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
+    for name, kept, total in (("training", trainer.train_dataset, train), ("validation", trainer.eval_dataset, val)):
+        if len(kept) == 0:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise ValueError(f"reward_model.max_length={cfg.max_length} drops every {name} pair "
+                             f"(of {len(total)}); raise it (pairs longer than max_length are skipped)")
+    trainer.train()
+    evaluation = trainer.evaluate() | {"kind": "pairwise", "n_train_pairs": len(trainer.train_dataset),
+                                       "n_val_pairs": len(trainer.eval_dataset)}
+    return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
+
+
+def _save_outputs(model, tokenizer, trainer, evaluation: dict, out_dir, checkpoint_dir) -> dict:
+    """Weights (safetensors), tokenizer, train log and validation results, all at once; then drop checkpoints."""
+    import shutil
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", trainer.state.log_history)
+        write_json(tmp / "eval.json", evaluation)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"model": Path(out_dir)}
+
+
+def run_classifier(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
+                   checkpoint_dir: str | Path) -> dict:
     import numpy as np
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
@@ -101,19 +178,18 @@ def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: s
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=compute_metrics)
     trainer.train()
     evaluation = trainer.evaluate()
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "train_log.json", trainer.state.log_history)
-        write_json(tmp / "eval.json", evaluation)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return {"model": Path(out_dir)}
+    return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
 
 
 def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     evaluation = read_json(Path(out_dir) / "eval.json")
-    return summary_of(read_json(Path(out_dir) / "train_log.json"), ("loss",)) | {
+    values = summary_of(read_json(Path(out_dir) / "train_log.json"), ("loss",)) | {
         "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0))
     }
+    if evaluation.get("kind") == "pairwise":  # eval_accuracy is RewardTrainer's share of pairs with chosen > rejected
+        values |= {"val_pairwise_accuracy": float(evaluation.get("eval_accuracy", 0.0)),
+                   "val_margin": float(evaluation.get("eval_margin", 0.0)),
+                   "n_train_pairs": float(evaluation["n_train_pairs"]), "n_val_pairs": float(evaluation["n_val_pairs"])}
+    return values

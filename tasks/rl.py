@@ -6,7 +6,12 @@ grpo:      TRL's GRPOTrainer, group-relative advantages over `num_generations` s
            optional KL to the frozen SFT model (`beta` in rl.training), rewards from posttrain.rewards.
 reinforce: posttrain/reinforce.py, batch-mean baseline, normalised advantages, optional KL (`beta`);
            reads the same GRPOConfig fields (learning_rate, max_steps, temperature, optim, ...).
-The LoRA adapter either trains is merged into the SFT model, so the output is a plain HF folder.
+draft:     posttrain/draft.py, LM loss - beta * reward of a frozen encoder RM fed Gumbel-softmax soft
+           tokens (rl.draft); the learned projection is saved beside the model.
+hybrid:    posttrain/hybrid.py, SFT and RL steps alternating on one adapter (rl.hybrid + rl.training).
+ppo:       posttrain/ppo.py, TRL PPOTrainer with the pairwise reward model (reward_model.kind: pairwise)
+           as reward and value model, plus rl.rewards rule terms, KL to the adapter-free policy (rl.ppo).
+The LoRA/DoRA adapter a method trains is merged into the SFT model, so the output is a plain HF folder.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
+from posttrain.ppo import run_ppo
 from posttrain.prompts import rl_prompt
 from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
@@ -36,7 +42,7 @@ def _policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):
     set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     reward_funcs, weights = rewards.build(params.rl.rewards, params.rl.reward_postprocess or None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     lora = lora_config(params.rl.lora)
     args = GRPOConfig(**trainer_kwargs(params.rl.training, checkpoint_dir, params.seed), reward_weights=weights)
     return model, tokenizer, lora, args, reward_funcs
@@ -67,20 +73,51 @@ def run_reinforce(params: Params, model_dir: Path, dataset, checkpoint_dir: Path
     return policy, tokenizer, history
 
 
-METHODS = {"grpo": run_grpo, "reinforce": run_reinforce}
+def run_draft(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    """DRaFT trains on question -> worked answer pairs (LM loss) rather than on prompts: see posttrain/draft.py."""
+    from posttrain import draft
+
+    return draft.run(params, model_dir, dataset, checkpoint_dir)
+
+
+def run_hybrid(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    """SFT and RL steps alternating on one adapter: see posttrain/hybrid.py."""
+    from peft import get_peft_model
+
+    from posttrain import hybrid
+    from posttrain.draft import sft_pairs
+
+    model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
+    policy = get_peft_model(model, lora)
+    pairs = list(sft_pairs(dataset, params))
+    history = hybrid.train(policy, tokenizer, list(dataset), pairs, reward_funcs, list(args.reward_weights), args,
+                           params.rl.hybrid)
+    return policy, tokenizer, history
+
+
+METHODS = {"grpo": run_grpo, "reinforce": run_reinforce, "draft": run_draft, "hybrid": run_hybrid, "ppo": run_ppo}
 
 
 def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: str | Path,
         checkpoint_dir: str | Path = "checkpoints/rl") -> dict:
     import shutil
 
+    from safetensors.torch import save_file
+
     if params.rl.method not in METHODS:
         raise ValueError(f"rl.method: unknown method {params.rl.method!r}; known: {list(METHODS)}")
     dataset = build_dataset(read_jsonl(train_path), params)
-    policy, tokenizer, history = METHODS[params.rl.method](params, Path(model_dir), dataset, Path(checkpoint_dir))
+    # A method returns (policy with adapter, tokenizer, log history[, {file name: tensors saved beside the model}]).
+    policy, tokenizer, history, *extra = METHODS[params.rl.method](params, Path(model_dir), dataset, Path(checkpoint_dir))
+    from posttrain import distributed
+
+    if not distributed.is_main():
+        return {"model": Path(out_dir)}  # under a launcher rank 0 merges, writes the output and cleans up
     merged = policy.merge_and_unload()
     with atomic_path(out_dir, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
+        for name, tensors in (extra[0] if extra else {}).items():
+            save_file(tensors, str(tmp / name))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_log.json", history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -91,4 +128,4 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     history = read_json(Path(out_dir) / "train_log.json")
-    return summary_of(history, ("loss", "reward", "kl", "completions/mean_length"))
+    return summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length"))

@@ -17,7 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
-from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
+from posttrain.training import load_causal_lm, lora_config, summary_of, train_resumable, trainer_kwargs
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -29,21 +29,29 @@ def build_dataset(records: list[dict], params: Params):
 
 def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,
         checkpoint_dir: str | Path = "checkpoints/sft") -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    from posttrain import distributed
 
     set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = load_causal_lm(base_dir, params.sft.quantization, params.sft.training.get("gradient_checkpointing", True),
+                           field="sft.quantization")
     dataset = build_dataset(read_jsonl(train_path), params)
     lora = lora_config(params.sft.lora)
     args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     train_resumable(trainer, checkpoint_dir, "SFT", dataclasses.asdict(params.sft), params.seed, str(base_dir),
                     params.eval.prompt_style, params.eval.system_prompt)
+    # Every rank calls save_model: under FSDP / ZeRO-3 it gathers the sharded adapter; rank 0 writes it.
+    trainer.save_model(str(Path(checkpoint_dir) / "final"))
+    if not distributed.is_main():
+        return {"adapter": Path(out_dir)}  # under a launcher rank 0 writes the output and cleans up
     with atomic_path(out_dir, is_dir=True) as tmp:
-        trainer.model.save_pretrained(tmp)  # the adapter only
+        # the adapter only (and the tokenizer); training_args.bin is a pickle that only served the trainer
+        shutil.copytree(Path(checkpoint_dir) / "final", tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("training_args.bin"))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_log.json", trainer.state.log_history)
     # The finished adapter is the stage's output; checkpoints only served a possible resume.

@@ -1,9 +1,7 @@
 import json
-import shutil
 
 import pytest
 
-from conftest import GSM8K
 from posttrain.io import DataError
 from tasks import prepare
 

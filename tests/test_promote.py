@@ -1,7 +1,6 @@
 """The promote stage against a real (sqlite) MLflow registry: the gate refuses a worse model."""
 
 import dataclasses
-import json
 
 import pytest
 

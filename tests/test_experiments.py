@@ -1,0 +1,35 @@
+"""Hyperparameter sweeps with `dvc exp run -S`: only the affected stages rerun, `dvc exp show` lists accuracies."""
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import make_workspace
+from test_pipeline import DVC, _run
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_dvc_exp_run_sweeps_rl_methods_and_exp_show_lists_accuracy(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    first = _run([DVC, "repro"], ws)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=ws, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=ws, check=True, capture_output=True)
+
+    sweep = _run([DVC, "exp", "run", "-n", "hybrid-curriculum", "-S", "rl.method=hybrid",
+                  "-S", "rl.hybrid.sft_fraction_start=1.0", "-S", "rl.hybrid.sft_fraction_end=0.0"], ws)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    ran = {line.split("'")[1] for line in sweep.stdout.splitlines() if line.startswith("Running stage")}
+    # the sweep touches rl params only: data, base, reward model, SFT and the base/SFT evals are reused
+    assert {"rl", "eval_rl", "promote"} <= ran and not ran & {"prepare", "base", "reward_model", "sft", "merge",
+                                                              "eval_base", "eval_sft"}, ran
+
+    shown = _run([DVC, "exp", "show", "--json"], ws)
+    assert shown.returncode == 0, shown.stderr
+    text = json.dumps(json.loads(shown.stdout))
+    assert "hybrid-curriculum" in text and "reports/eval_rl.json" in text and "accuracy_flexible" in text
+    log = json.loads((ws / "models/rl/train_log.json").read_text())
+    assert [e["kind"] for e in log][0] == "sft"
