@@ -103,6 +103,8 @@ def make_trainer_class():
         def __init__(self, *args, reward: SoftTokenReward, beta: float, warmup_steps: int, tau: float, hard: bool,
                      **kwargs):
             super().__init__(*args, **kwargs)
+            reward.projection.to(self.args.device)  # the Trainer already placed the policy; on a GPU these follow it
+            reward.reward_model.to(self.args.device)
             self.model.add_module("draft_projection", reward.projection)  # trained and checkpointed with the adapters
             self.reward, self.beta, self.warmup_steps, self.tau, self.hard = reward, beta, warmup_steps, tau, hard
 

@@ -135,7 +135,9 @@ def test_process_work_pool_worker_runs_the_deployment(prefect_server, workspace,
 
         final = run_and_wait(api, deployment["id"], 900, worker, worker_log)
     assert final["work_pool_name"] == "tiny-pool"
-    assert f"submitting flow run '{final['id']}'" in worker_log.read_text()  # this worker ran it
+    # This worker ran it: the flow's subprocess writes to the worker's output. (Its own "submitting flow run"
+    # INFO line is not always there: it was missing in one CI run where the run itself completed.)
+    assert "Running stage 'eval_rl'" in worker_log.read_text()
     # The worker's run rewrote params.yaml with its override and re-evaluated (DVC reran what changed).
     assert "n_questions: 3" in (ws / "params.yaml").read_text()
     assert json.loads((ws / "reports/eval_rl.json").read_text())["n_questions"] == 3
