@@ -149,16 +149,6 @@ def projection_state(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in trainer.reward.projection.state_dict().items()}
 
 
-def sft_pairs(dataset, params):
-    """rl prompt rows (question, solution columns) -> prompt-completion SFT examples, prompt masked out of the loss."""
-    from datasets import Dataset
-
-    from posttrain.prompts import sft_example
-
-    return Dataset.from_list([sft_example({"question": row["question"], "answer": row["solution"]}, params.eval)
-                              for row in dataset])
-
-
 def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     """Returns (policy with its adapter, tokenizer, log history, {file: tensors to save beside the model})."""
     import dataclasses
@@ -166,6 +156,7 @@ def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig
 
+    from posttrain.prompts import sft_pairs
     from posttrain.training import lora_config, train_resumable, trainer_kwargs
 
     cfg = params.rl.draft
@@ -175,7 +166,7 @@ def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     reward = SoftTokenReward(load_reward_model(cfg.reward_model), policy.get_input_embeddings().weight.shape[1])
-    dataset = sft_pairs(dataset, params)
+    dataset = sft_pairs(dataset, params.eval)
     args = SFTConfig(**trainer_kwargs(cfg.training, checkpoint_dir, params.seed) | {"loss_type": "nll"})
     trainer = make_trainer_class()(
         model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -57,6 +57,15 @@ def sft_example(record: dict, cfg: EvalConfig) -> dict:
     return {"prompt": _plain_block(record["question"]), "completion": " " + target_text(record["answer"]) + "\n"}
 
 
+def sft_pairs(rl_rows, cfg: EvalConfig):
+    """rl_prompt rows (question, solution columns) -> a prompt-completion Dataset of sft_example rows:
+    the question -> worked answer pairs DRaFT and the hybrid trainer take their LM loss on."""
+    from datasets import Dataset
+
+    return Dataset.from_list([sft_example({"question": row["question"], "answer": row["solution"]}, cfg)
+                              for row in rl_rows])
+
+
 def rl_prompt(record: dict, cfg: EvalConfig) -> dict:
     """A prompt for RL trainers; answer, question and solution travel along as columns for the rewards."""
     from posttrain.gsm8k import gold_answer

@@ -25,6 +25,7 @@ from posttrain.ppo import run_ppo
 from posttrain.prompts import rl_prompt
 from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
+
 def build_dataset(records: list[dict], params: Params):
     from datasets import Dataset
 
@@ -85,11 +86,11 @@ def run_hybrid(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
     from peft import get_peft_model
 
     from posttrain import hybrid
-    from posttrain.draft import sft_pairs
+    from posttrain.prompts import sft_pairs
 
     model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
     policy = get_peft_model(model, lora)
-    pairs = list(sft_pairs(dataset, params))
+    pairs = list(sft_pairs(dataset, params.eval))
     history = hybrid.train(policy, tokenizer, list(dataset), pairs, reward_funcs, list(args.reward_weights), args,
                            params.rl.hybrid)
     return policy, tokenizer, history
