@@ -21,7 +21,6 @@ from pathlib import Path
 
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
-from posttrain.ppo import run_ppo
 from posttrain.prompts import rl_prompt
 from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
@@ -94,6 +93,13 @@ def run_hybrid(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
     history = hybrid.train(policy, tokenizer, list(dataset), pairs, reward_funcs, list(args.reward_weights), args,
                            params.rl.hybrid)
     return policy, tokenizer, history
+
+
+def run_ppo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    """TRL's experimental PPOTrainer with the pairwise reward model: see posttrain/ppo.py."""
+    from posttrain import ppo
+
+    return ppo.run_ppo(params, model_dir, dataset, checkpoint_dir)
 
 
 METHODS = {"grpo": run_grpo, "reinforce": run_reinforce, "draft": run_draft, "hybrid": run_hybrid, "ppo": run_ppo}
