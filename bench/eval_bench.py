@@ -6,9 +6,11 @@
 Ways, one process, the same prompts (params.yaml's eval protocol) and greedy decoding:
   straightforward      batches of --batch-size in dataset order, every batch runs the full max_new_tokens
   hf_default           the same, but `generate` stops a batch when every row emitted EOS
-  posttrain_same_batch posttrain.evaluation.generate at --batch-size: batches sorted by prompt length,
-                       left padding, a batch ends when every row has written its `#### n` line or EOS
-  posttrain            the same at the evaluator's configured batch size (params.yaml eval.batch_size)
+  posttrain_same_batch posttrain.evaluation.generate at --batch-size, one stream: continuous batching
+                       (a row leaves the batch and the KV cache once it has written its `#### n` line
+                       or EOS, a waiting prompt takes its place), shared prompt prefix computed once
+  posttrain            the same at the evaluator's configured batch size and streams (params.yaml
+                       eval.batch_size, eval.streams: on a CPU, 2 streams of half the batch in threads)
 Text is cut at the first EOS in all three, so the extracted answers must agree; the script checks
 they do and writes questions/s, tokens/s, the speed-ups and peak memory to the results file.
 """
@@ -47,7 +49,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from posttrain.config import load_params
-    from posttrain.evaluation import generate, load_model
+    from posttrain.evaluation import auto_streams, generate, generate_straightforward, load_model
     from posttrain.gsm8k import gold_answer, score
     from posttrain.io import read_jsonl, write_json
     from posttrain.prompts import prompt_text, protocol
@@ -65,12 +67,12 @@ def main() -> int:
     prompts = [prompt_text(r["question"], params.eval, tokenizer) for r in records]
     golds = [gold_answer(r["answer"]) for r in records]
 
-    ours = dict(sort_by_length=True, early_stop=True, stop_at_eos=True)
-    ways = {  # name -> (generate options, batch size)
-        "straightforward": (dict(sort_by_length=False, early_stop=False, stop_at_eos=False), args.batch_size),
-        "hf_default": (dict(sort_by_length=False, early_stop=False, stop_at_eos=True), args.batch_size),
-        "posttrain_same_batch": (ours, args.batch_size),
-        "posttrain": (ours, params.eval.batch_size),
+    ways = {  # name -> (generation function, its options, batch size)
+        "straightforward": (generate_straightforward, dict(stop_at_eos=False), args.batch_size),
+        "hf_default": (generate_straightforward, dict(stop_at_eos=True), args.batch_size),
+        "posttrain_same_batch": (generate, dict(streams=1), args.batch_size),
+        "posttrain": (generate, dict(streams=params.eval.streams or auto_streams(model, params.eval.batch_size)),
+                      params.eval.batch_size),
     }
     chosen = [w.strip() for w in args.ways.split(",")]
     unknown = set(chosen) - set(ways)
@@ -78,9 +80,9 @@ def main() -> int:
         parser.error(f"--ways: choose from {list(ways)}, straightforward and posttrain included")
     results, answers = {}, {}
     for name in chosen:
-        options, batch_size = ways[name]
+        generation, options, batch_size = ways[name]
         started, cpu_started = time.perf_counter(), time.process_time()
-        out = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size, progress=True, **options)
+        out = generation(model, tokenizer, prompts, args.max_new_tokens, batch_size, progress=True, **options)
         seconds = time.perf_counter() - started
         # CPU seconds are what the way costs even when other work shares the cores (wall time is not).
         cpu_seconds = time.process_time() - cpu_started
@@ -88,6 +90,7 @@ def main() -> int:
         answers[name] = [(s.strict_prediction, s.flexible_prediction) for s in scores]
         results[name] = {
             "batch_size": batch_size,
+            "streams": options.get("streams", 1),
             "seconds": round(seconds, 2),
             "cpu_seconds": round(cpu_seconds, 2),
             "generated_tokens": sum(out.n_tokens),

@@ -99,7 +99,8 @@ class RLConfig:
 @dataclass
 class EvalConfig:
     n_questions: int = 50
-    batch_size: int = 8
+    batch_size: int = 64  # rows decoded together (posttrain/decoding.py)
+    streams: int = 0  # batches decoded side by side in threads, sharing batch_size; 0 = auto (CPU: 1 per 32 rows)
     max_new_tokens: int = 256
     prompt_style: str = "chat"  # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:")
     shots: int = 0  # k-shot examples taken from the training split

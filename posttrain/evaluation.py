@@ -1,9 +1,12 @@
 """Fast, exact GSM8K evaluation: batched greedy generation and scoring.
 
-Speed comes from: batches of similar prompt length (sorted, so little padding), left padding,
-the KV cache, and a stopping rule that ends a sequence as soon as it has written its
-`#### n` line or EOS (whole batch ends when every sequence did). The stop check is a vocabulary
-lookup on the newest token; only sequences that just wrote a newline are decoded.
+Generation is greedy continuous batching on a preallocated KV cache (posttrain/decoding.py): rows
+leave the batch as soon as they are done (EOS, or their `#### n` line is written, after which the
+answer cannot change), waiting prompts take their place, prompts enter shortest first, and the prompt
+prefix every row shares is computed once. The stop check is a vocabulary lookup on the newest token;
+only rows that just wrote a newline are decoded. On a CPU, two such batches decode side by side in
+threads (`eval.streams`). `generate_straightforward` is the plain
+transformers loop the benchmark and the tests hold it to.
 
     posttrain eval models/sft         # or: dvc repro eval_sft
 """
@@ -11,6 +14,7 @@ lookup on the newest token; only sequences that just wrote a newline are decoded
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +38,22 @@ def newline_token_mask(tokenizer) -> torch.Tensor:
 
 
 class AnswerLineStop:
-    """transformers StoppingCriteria: per-sequence 'done' once `#### n\\n` has been written."""
+    """Stop rule: a row is done once its text holds the `#### n` line (its answer cannot change after).
 
-    def __init__(self, tokenizer, prompt_length: int):
+    The newline test is a vocabulary lookup on each row's newest token, so only rows that just ended
+    a line are decoded.
+    """
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
         self.newline_tokens = newline_token_mask(tokenizer)
 
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].clamp(max=len(self.newline_tokens) - 1)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in torch.nonzero(self.newline_tokens[last.cpu()]).flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True)
-            done[row] = has_final_answer_line(text)
+    def __call__(self, newest: torch.LongTensor, generated_so_far) -> torch.BoolTensor:
+        """`newest`: each row's latest token; `generated_so_far(row)`: that row's new tokens."""
+        done = torch.zeros(newest.shape[0], dtype=torch.bool, device=newest.device)
+        newline = self.newline_tokens[newest.cpu().clamp(max=len(self.newline_tokens) - 1)]
+        for row in torch.nonzero(newline).flatten().tolist():
+            done[row] = has_final_answer_line(self.tokenizer.decode(generated_so_far(row), skip_special_tokens=True))
         return done
 
 
@@ -66,53 +73,86 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             sort_by_length: bool = True, early_stop: bool = True, stop_at_eos: bool = True,
-             progress: bool = True) -> GenerationResult:
-    """Greedy generations for `prompts`, returned in the input order.
+def eos_token_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id} | set(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    return ids
 
-    sort_by_length/early_stop/stop_at_eos off gives the straightforward loop the benchmark compares
-    against; the text is always cut at the first EOS, so both score the same answers.
+
+def _prepare_tokenizer(tokenizer):
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def auto_streams(model, batch_size: int) -> int:
+    """Decode streams for `eval.streams: 0`: one on a GPU; on a CPU one per 32 rows of the batch,
+    at most one per torch thread."""
+    if model.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), batch_size // 32))
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             early_stop: bool = True, streams: int = 0, progress: bool = True) -> GenerationResult:
+    """The evaluator's greedy generations for `prompts`, returned in the input order.
+
+    Continuous batching (posttrain/decoding.py): rows leave the batch at EOS or, with `early_stop`,
+    after their `#### n` line (the answer is fixed by then), and waiting prompts take their place.
+    `streams` batches of batch_size / streams rows decode side by side (0: `auto_streams`).
+    """
+    from tqdm.auto import tqdm
+
+    from posttrain import decoding
+
+    if not decoding.supports(model):
+        print(f"warning: {type(model).__name__} has sliding-window or recurrent cache layers: evaluating with "
+              "transformers' generate instead of continuous batching (slower, same answers)", file=sys.stderr)
+        return generate_straightforward(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_eos=True,
+                                        progress=progress)
+    _prepare_tokenizer(tokenizer)
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="generating", unit="question", disable=not progress) as bar:
+        tokens, lengths = decoding.parallel_greedy_generate(
+            model, tokenizer, prompts, max_new_tokens, batch_size, eos_token_ids(model, tokenizer),
+            stop_rule_for=lambda stream_tokenizer: AnswerLineStop(stream_tokenizer) if early_stop else None,
+            streams=streams or auto_streams(model, batch_size), on_done=bar.update,
+        )
+    texts = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(tokens.tolist(), lengths)]
+    stopped = [length < max_new_tokens or has_final_answer_line(text + "\n") for text, length in zip(texts, lengths)]
+    return GenerationResult(texts, lengths, stopped, time.perf_counter() - start, _peak_rss_mb())
+
+
+def generate_straightforward(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                             stop_at_eos: bool = False, progress: bool = True) -> GenerationResult:
+    """The reference the evaluator is checked and timed against: transformers' `generate` on batches in
+    dataset order, every batch running the full max_new_tokens (or, with `stop_at_eos`, until every row
+    wrote EOS). Text is cut at the first EOS, so the answers are comparable with `generate`'s.
     """
     import copy
 
     from tqdm.auto import tqdm
-    from transformers import StoppingCriteriaList
 
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i]) if sort_by_length else list(range(len(prompts)))
-    texts, n_tokens, stopped = [""] * len(prompts), [0] * len(prompts), [False] * len(prompts)
-    eos_ids = {tokenizer.eos_token_id} | set(
-        model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-        else [model.generation_config.eos_token_id]
-    )
-    eos_ids.discard(None)
+    _prepare_tokenizer(tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     generation_config = copy.deepcopy(model.generation_config)
-    generation_config.eos_token_id = list(eos_ids) if stop_at_eos else None
+    generation_config.eos_token_id = sorted(eos_ids) if stop_at_eos else None
+    texts, n_tokens, stopped = [], [], []
     start = time.perf_counter()
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = encoded.to(model.device)
-        prompt_length = encoded.input_ids.shape[1]
-        stopping = StoppingCriteriaList([AnswerLineStop(tokenizer, prompt_length)]) if early_stop else None
+    for first in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
+        encoded = tokenizer(prompts[first:first + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(
                 **encoded, generation_config=generation_config, max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, stopping_criteria=stopping, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                temperature=None, top_p=None, top_k=None,
+                num_beams=1, pad_token_id=tokenizer.pad_token_id, use_cache=True, temperature=None, top_p=None, top_k=None,
             )
-        new_tokens = output[:, prompt_length:]
-        for row, index in enumerate(batch):
-            tokens = new_tokens[row].tolist()
-            # Count up to (and including) the first EOS; after it the row holds padding.
-            length = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-            texts[index] = tokenizer.decode(tokens[:length], skip_special_tokens=True)
-            n_tokens[index] = length
-            stopped[index] = length < max_new_tokens or has_final_answer_line(texts[index] + "\n")
+        for row in output[:, encoded.input_ids.shape[1]:].tolist():
+            length = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+            texts.append(tokenizer.decode(row[:length], skip_special_tokens=True))
+            n_tokens.append(length)
+            stopped.append(length < max_new_tokens)
     return GenerationResult(texts, n_tokens, stopped, time.perf_counter() - start, _peak_rss_mb())
 
 
@@ -139,7 +179,8 @@ def evaluate(model, tokenizer, records: list[dict], cfg: EvalConfig, shots: list
     """Accuracy and speed metrics plus one record per question."""
     questions = question_set(records, cfg.n_questions)
     prompts = [prompt_text(r["question"], cfg, tokenizer, shots) for r in questions]
-    result = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress=progress)
+    result = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, streams=cfg.streams,
+                      progress=progress)
     per_question = []
     for record, text, n_tok, stopped in zip(questions, result.texts, result.n_tokens, result.stopped_early):
         gold = gold_answer(record["answer"])

@@ -29,19 +29,114 @@ def test_stage_graph_is_ordered_and_every_input_has_a_producer():
         assert hasattr(importlib.import_module(f"tasks.{stage.module}"), "run")
 
 
-def test_answer_line_stop_matches_full_generation(tiny_base, params):
-    """Early stopping only cuts text after the answer line: the scored answers do not change."""
-    from posttrain.evaluation import AnswerLineStop, generate, load_model
+@pytest.fixture(scope="module")
+def varied_tiny_model():
+    """A tiny random Llama whose greedy text varies with position and context (the default init
+    repeats one token, which would hide position or cache mistakes)."""
+    from tasks.base import build_tiny_model
 
-    model, tokenizer = load_model(tiny_base)
-    prompts = [f"Question: what is {i} + {i}?\nAnswer:" for i in range(7)]
-    fast = generate(model, tokenizer, prompts, 10, batch_size=3, sort_by_length=True, early_stop=True, progress=False)
-    slow = generate(model, tokenizer, prompts, 10, batch_size=1, sort_by_length=False, early_stop=False, stop_at_eos=False, progress=False)
-    assert fast.texts == slow.texts
-    stop = AnswerLineStop(tokenizer, prompt_length=2)
-    newline_last = tokenizer("ab#### 12\n", return_tensors="pt").input_ids
-    assert stop(newline_last, None).tolist() == [True]
-    assert stop(tokenizer("ab 12\n", return_tensors="pt").input_ids, None).tolist() == [False]
+    model, tokenizer = build_tiny_model({"initializer_range": 0.3}, seed=42)
+    return model.eval(), tokenizer
+
+
+def test_evaluator_generations_match_the_straightforward_loop(varied_tiny_model):
+    """Dropping finished rows and stopping after the answer line only cut text after the answer."""
+    import torch
+
+    from posttrain.evaluation import AnswerLineStop, generate, generate_straightforward
+
+    model, tokenizer = varied_tiny_model
+    prompts = [f"Question: what is {i} + {i}?" + " Think." * (i % 4) + "\nAnswer:" for i in range(7)]
+    reference = generate_straightforward(model, tokenizer, prompts, 12, batch_size=1, progress=False)
+    for batch_size in (1, 2, 3, 7):
+        fast = generate(model, tokenizer, prompts, 12, batch_size=batch_size, progress=False)
+        assert fast.texts == reference.texts and fast.n_tokens == reference.n_tokens
+    stop = AnswerLineStop(tokenizer)
+    rows = [tokenizer("ab#### 12\n").input_ids, tokenizer("ab 12\n").input_ids, tokenizer("#### 12 x").input_ids]
+    newest = torch.tensor([row[-1] for row in rows])
+    assert stop(newest, lambda row: torch.tensor(rows[row])).tolist() == [True, False, False]
+
+
+# A shared start (as the chat template and system prompt give every GSM8K prompt), then different lengths.
+PROMPTS = ["Solve it. " + q for q in ("Q: 22?", "Question: 1 + 1?\nAnswer:", "Question: what is seven times eight, please?\nAnswer:",
+                                      "Question: 3 apples and 4 pears: how many fruits?\nAnswer:", "Q: 5 x 5?\nA:",
+                                      "Question: 9 - 2?\nAnswer:")]
+
+
+def _first_hit_lengths(tokens, hit, max_new_tokens):
+    return [next((k + 1 for k, t in enumerate(row) if hit(t)), max_new_tokens) for row in tokens.tolist()]
+
+
+def test_continuous_batching_gives_each_row_its_own_decode(varied_tiny_model, monkeypatch):
+    """Rows leave at different steps, waiting prompts are merged in (with more or less padding) and the
+    shared prompt start is computed once; every row still gets exactly the tokens it gets when decoded alone."""
+    import torch
+
+    from posttrain import decoding
+
+    model, tokenizer = varied_tiny_model
+    assert decoding.shared_prefix_length([tokenizer(p).input_ids for p in PROMPTS]) >= 3
+    alone, alone_lengths = decoding.greedy_generate(model, tokenizer, PROMPTS, 16, batch_size=1, eos_ids=set(),
+                                                    share_prefix=False)
+    assert alone_lengths == [16] * len(PROMPTS)
+    trimmed = []
+    real_leading_padding = decoding._leading_padding
+    monkeypatch.setattr(decoding, "_leading_padding", lambda mask: trimmed.append(real_leading_padding(mask)) or trimmed[-1])
+
+    # An end-of-sequence token that rows write at different steps.
+    eos = int(alone[1, 4])
+    expected = _first_hit_lengths(alone, lambda t: t == eos, 16)
+    assert len(set(expected)) > 1
+    for batch_size, share_prefix in ((2, True), (3, True), (4, True), (3, False)):
+        tokens, lengths = decoding.greedy_generate(model, tokenizer, PROMPTS, 16, batch_size, eos_ids={eos},
+                                                   share_prefix=share_prefix)
+        assert lengths == expected, batch_size
+        for row, length in enumerate(lengths):
+            assert torch.equal(tokens[row, :length], alone[row, :length]) and not tokens[row, length:].any()
+    assert max(trimmed) > 0  # some merge or drop freed leading columns, and they were cut
+
+    # Two streams in threads, each with its share of the prompts and of torch's threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tokens, lengths = decoding.parallel_greedy_generate(model, tokenizer, PROMPTS, 16, 4, {eos},
+                                                            stop_rule_for=lambda tok: None, streams=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert lengths == expected
+    for row, length in enumerate(lengths):
+        assert torch.equal(tokens[row, :length], alone[row, :length]) and not tokens[row, length:].any()
+
+    # A stop rule (the evaluator's is the `#### n` line; a tiny random model writes none): stop after `marker`.
+    marker = int(alone[2, 6])
+    tokens, lengths = decoding.greedy_generate(model, tokenizer, PROMPTS, 16, 3, eos_ids=set(),
+                                               stop_rule=lambda newest, so_far: newest == marker)
+    assert lengths == _first_hit_lengths(alone, lambda t: t == marker, 16) and lengths[2] <= 7
+    for row, length in enumerate(lengths):
+        assert torch.equal(tokens[row, :length], alone[row, :length])
+
+
+def test_sliding_window_models_fall_back_to_transformers_generate(capsys):
+    """Continuous batching needs full-attention caches; other models still evaluate, with a warning."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from posttrain import decoding
+    from posttrain.evaluation import generate, generate_straightforward
+    from tasks.base import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.3,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = MistralForCausalLM(config).eval()
+    assert not decoding.supports(model)
+    result = generate(model, tokenizer, PROMPTS[:3], 8, batch_size=2, progress=False)
+    assert "sliding-window" in capsys.readouterr().err
+    reference = generate_straightforward(model, tokenizer, PROMPTS[:3], 8, batch_size=1, stop_at_eos=True, progress=False)
+    assert result.texts == reference.texts
 
 
 def _run(cmd, cwd, env=None):
