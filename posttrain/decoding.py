@@ -104,14 +104,18 @@ class PreallocatedLayer(DynamicLayer):
         return layer
 
 
+def _full_attention_only(cache: DynamicCache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def supports(model) -> bool:
     """Continuous batching needs plain full-attention cache layers (no sliding window, no recurrent state)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    return _full_attention_only(DynamicCache(config=model.config))
 
 
 def preallocated_cache(model, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if not _full_attention_only(cache):
         raise ValueError("continuous batching supports full-attention models only (this one has sliding-window layers)")
     cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
     return cache
@@ -178,6 +182,13 @@ class DecodeBatch:
         self.ids = torch.cat([self.ids, other.ids])
 
 
+def left_padding(tokenizer) -> None:
+    """Batched greedy decoding pads on the left; EOS stands in for a missing pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def shared_prefix_length(token_ids: list[list[int]]) -> int:
     """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
     if not token_ids:
@@ -209,9 +220,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     system prompt, k-shot examples) are run once and their keys/values copied to every row.
     `on_done(n)` is told how many prompts finished, for progress bars.
     """
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    left_padding(tokenizer)
     device = model.device
     token_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     waiting = deque(sorted(range(len(prompts)), key=lambda i: len(token_ids[i])))

@@ -80,12 +80,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _prepare_tokenizer(tokenizer):
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
 def auto_streams(model, batch_size: int) -> int:
     """Decode streams for `eval.streams: 0`: one on a GPU; on a CPU one per 32 rows of the batch,
     at most one per torch thread."""
@@ -111,7 +105,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
               "transformers' generate instead of continuous batching (slower, same answers)", file=sys.stderr)
         return generate_straightforward(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_eos=True,
                                         progress=progress)
-    _prepare_tokenizer(tokenizer)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="question", disable=not progress) as bar:
         tokens, lengths = decoding.parallel_greedy_generate(
@@ -134,7 +127,9 @@ def generate_straightforward(model, tokenizer, prompts: list[str], max_new_token
 
     from tqdm.auto import tqdm
 
-    _prepare_tokenizer(tokenizer)
+    from posttrain.decoding import left_padding
+
+    left_padding(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     generation_config = copy.deepcopy(model.generation_config)
     generation_config.eos_token_id = sorted(eos_ids) if stop_at_eos else None
