@@ -4,10 +4,13 @@
 
 Each stage names its task module, the keyword paths its `run()` takes, what it depends on and
 what it writes. DVC decides what is stale; the flow asks DVC to reproduce each stage in order.
+A stage's code deps are derived, not listed: its task module and every project module it imports
+(`code_deps`), so changed code reruns exactly the stages that run it.
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,10 @@ PREPARED = "data/prepared"
 MODELS = "models"
 REPORTS = "reports"
 PLOTS = "plots"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("posttrain", "tasks", "flows")  # the project's own code; anything else is an installed library
+# `python -m posttrain stage <name>` (cli.py) calls the runner for every stage; it writes each stage's metrics file.
+RUNNER = "posttrain/runner.py"
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class Stage:
     inputs: dict[str, str] = field(default_factory=dict)  # run() kwarg -> path it reads
     outputs: dict[str, str] = field(default_factory=dict)  # run() kwarg -> path it writes (DVC-cached)
     params: tuple[str, ...] = ()  # params.yaml keys it reads
-    extra_deps: tuple[str, ...] = ()  # deps that are not run() arguments
+    extra_deps: tuple[str, ...] = ()  # data/model deps that are not run() arguments (code deps are derived)
     metrics: str | None = None  # JSON metrics file the runner writes from the module's metrics()
     retries: int = 0  # Prefect retries: for stages that touch the network or the registry
     plots: bool = False  # outputs are `dvc plots` (not cached) instead of `outs`
@@ -61,7 +68,7 @@ STAGES: list[Stage] = [
           outputs={"out_dir": f"{MODELS}/sft"}),
     Stage("rl", "rl", inputs={"train_path": f"{PREPARED}/train.jsonl", "model_dir": f"{MODELS}/sft"},
           outputs={"out_dir": f"{MODELS}/rl"}, params=("seed", "rl", "eval.prompt_style", "eval.system_prompt"),
-          extra_deps=("posttrain/rewards.py", "posttrain/ppo.py", f"{MODELS}/reward_model"),
+          extra_deps=(f"{MODELS}/reward_model",),
           metrics=f"{REPORTS}/rl.json", data_parallel=True),
     _eval_stage("base"),
     _eval_stage("sft"),
@@ -87,12 +94,70 @@ def get(name: str) -> Stage:
     return BY_NAME[name]
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names of the project modules a file imports, at module level or inside functions (this
+    codebase imports heavy or method-specific modules lazily, e.g. tasks/rl.py imports posttrain.ppo
+    only when rl.method is ppo)."""
+    module = path.relative_to(ROOT).with_suffix("").parts
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # `from .x import y`: relative to the file's package
+                base = ".".join([*module[:-node.level], *([base] if base else [])])
+            # `from posttrain import rewards` imports the module posttrain.rewards; `from posttrain.io
+            # import read_json` imports posttrain.io (posttrain/io/read_json.py does not exist: dropped later)
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] in PACKAGES}
+
+
+def code_deps(path: str) -> list[str]:
+    """The project files that run when `path` runs: the file and, transitively, every posttrain/,
+    tasks/ or flows/ module it imports (module level and function level), sorted.
+
+    Why: a stage's outputs depend on all the code it executes, not only on its task module, so that
+    code must be a DVC dep, or changed extraction or loss code leaves stale models and metrics behind
+    while `dvc status` says "up to date". It is read with `ast`, never imported: generating dvc.yaml
+    stays cheap and gives the same answer whatever is installed. It over-approximates on purpose
+    (tasks/rl.py depends on every RL method's module, whichever rl.method is set). Package
+    __init__.py files are left out: they are empty. Dynamic imports (importlib) are not seen.
+    """
+    seen: set[Path] = set()
+    todo = [ROOT / path]
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        for name in _imported_modules(file):
+            candidate = ROOT / (name.replace(".", "/") + ".py")
+            if candidate.is_file():  # else a package (empty __init__) or a name defined inside a module
+                todo.append(candidate)
+    return sorted(file.relative_to(ROOT).as_posix() for file in seen)
+
+
+def stage_code_deps(stage: Stage) -> list[str]:
+    """The task module's closure plus the runner itself.
+
+    The runner's imports are not followed: config.py and io.py are in every task module's closure
+    anyway; tracking.py (and training.history_metrics) only log to MLflow; distributed.py is in the
+    closure of the stages that train in parallel; stages.py is what dvc.yaml is generated from, so a
+    change there shows up in dvc.yaml itself, stage by stage, instead of rerunning every stage. Nor is
+    cli.py (with __main__.py): it only dispatches, and it imports most of the project lazily for its
+    other commands (`posttrain eval` pulls in the evaluator), which would make every stage depend on
+    almost everything.
+    """
+    return sorted({*code_deps(f"tasks/{stage.module}.py"), RUNNER})
+
+
 def dvc_stages() -> dict:
     """The `stages:` mapping of dvc.yaml."""
     out = {}
     for stage in STAGES:
         entry: dict = {"cmd": f"python -m posttrain stage {stage.name}"}
-        deps = [f"tasks/{stage.module}.py", *stage.extra_deps, *dict.fromkeys(stage.inputs.values())]
+        deps = [*stage_code_deps(stage), *stage.extra_deps, *dict.fromkeys(stage.inputs.values())]
         entry["deps"] = deps
         if stage.params:
             entry["params"] = list(stage.params)

@@ -1,0 +1,91 @@
+"""Every stage depends on the code it runs: its task module and the project modules that imports."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_workspace
+from posttrain import stages
+from test_pipeline import _run
+
+DVC = str(Path(sys.executable).parent / "dvc")
+EVALS = {"eval_base", "eval_sft", "eval_rl"}
+
+
+def deps_of(name: str) -> set[str]:
+    return set(stages.dvc_stages()[name]["deps"])
+
+
+def test_stage_deps_follow_the_imports_of_the_task_module():
+    # tasks/rl.py imports these inside functions (`from posttrain import reinforce`, ...), training at module level
+    assert {"posttrain/reinforce.py", "posttrain/draft.py", "posttrain/hybrid.py", "posttrain/ppo.py",
+            "posttrain/rewards.py", "posttrain/training.py", "tasks/rl.py"} <= deps_of("rl")
+    for name in EVALS:  # tasks/evaluate.py -> evaluation.py -> gsm8k, prompts and (inside functions) decoding
+        assert {"posttrain/gsm8k.py", "posttrain/decoding.py", "posttrain/prompts.py", "posttrain/evaluation.py",
+                "tasks/evaluate.py"} <= deps_of(name)
+        assert not {"posttrain/reinforce.py", "posttrain/training.py"} & deps_of(name)
+    assert {"posttrain/training.py", "posttrain/prompts.py", "tasks/sft.py"} <= deps_of("sft")
+    assert "posttrain/reinforce.py" not in deps_of("sft")
+    for stage in stages.STAGES:  # the runner runs every stage; the entry point's dispatch (cli.py) does not count
+        assert "posttrain/runner.py" in deps_of(stage.name) and "posttrain/cli.py" not in deps_of(stage.name)
+        code = stages.stage_code_deps(stage)
+        assert code == sorted(code) and all((ROOT / path).is_file() for path in code)
+
+
+def _flagged(ws: Path) -> set[str]:
+    """Stages `dvc status` calls changed."""
+    status = _run([DVC, "status", "--json"], ws)
+    assert status.returncode == 0, status.stderr[-2000:]
+    return set(json.loads(status.stdout or "{}"))
+
+
+def _downstream(ws: Path, names: set[str]) -> set[str]:
+    """Stages reading, directly or not, what `names` write: from the workspace's dvc.yaml, the graph DVC uses."""
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+
+    def writes(entry):
+        outs = entry.get("outs", []) + entry.get("metrics", [])
+        return [next(iter(o)) if isinstance(o, dict) else o for o in outs]
+
+    found = set(names)
+    while True:
+        more = {name for name, entry in spec.items() if name not in found and any(
+            dep == out or dep.startswith(out + "/") for dep in entry["deps"]
+            for upstream in found for out in writes(spec[upstream]))}
+        if not more:
+            return found - names
+        found |= more
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_changed_code_flags_exactly_the_stages_that_run_it(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    repro = _run([DVC, "repro"], ws)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    assert _flagged(ws) == set()
+
+    # gsm8k.py (answer extraction, calculator-note stripping in prompts.py) runs wherever prompts or
+    # scoring run; decoding.py only in the evaluator.
+    uses_gsm8k = {"reward_model", "sft", "rl"} | EVALS
+    for module, expected in (("posttrain/reinforce.py", {"rl"}), ("posttrain/gsm8k.py", uses_gsm8k),
+                             ("posttrain/decoding.py", EVALS)):
+        original = (ws / module).read_text()
+        (ws / module).write_text(original + "# a changed line\n")
+        assert _flagged(ws) == expected, module
+        (ws / module).write_text(original)
+        assert _flagged(ws) == set(), module
+    assert _downstream(ws, {"rl"}) == {"eval_rl", "promote", "report"}
+    assert _downstream(ws, uses_gsm8k) == {"merge", "promote", "report"}
+
+    # Reproducing after a change to RL-only code reruns rl and, if its model changed, what reads it; never
+    # the stages before it.
+    (ws / "posttrain/reinforce.py").write_text((ws / "posttrain/reinforce.py").read_text() + "# a changed line\n")
+    again = _run([DVC, "repro"], ws)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage '")}
+    assert "rl" in ran and ran <= {"rl"} | _downstream(ws, {"rl"}), ran
+    assert _flagged(ws) == set()
