@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "../shared/data/gsm8k"  # folder with train.jsonl/test.jsonl, or a hub dataset id
+    source: str = "data/gsm8k"  # folder with train.jsonl/test.jsonl (shipped in the repo), or a hub dataset id
     val_fraction: float = 0.05
     max_train: int = 0  # 0 = keep all training records
     max_test: int = 0  # 0 = keep all test records

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built from a config, GSM8K from ../shared, temp workspaces."""
+"""Shared fixtures: tiny models built from a config, GSM8K from the in-repo data/gsm8k, temp workspaces."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = (ROOT / ".." / "shared" / "data" / "gsm8k").resolve()
+GSM8K = ROOT / "data" / "gsm8k"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
