@@ -4,19 +4,24 @@
 
 Each Prefect task asks DVC to reproduce one stage (`dvc repro --single-item <stage>`), so DVC's
 lock file decides what is stale and an unchanged stage costs a hash check, and the stage graph has
-one definition only. Stages that touch the network or the registry get Prefect retries.
+one definition only. Stages that touch the network or the registry get Prefect retries; a stage
+that failed because another process holds the workspace, or because the run was stopped, is not retried.
+A failed stage stops the flow: later stages and `promote` do not run and the parent MLflow run is FAILED.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, task
 
-from posttrain import stages, summary, tracking
+from posttrain import lifecycle, stages, summary, tracking
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; its own output (above) says why."""
 
 
 def _stage_env() -> dict:
@@ -26,39 +31,64 @@ def _stage_env() -> dict:
     return env
 
 
-@task(name="dvc-stage", task_run_name="{name}")
+def _busy(name: str, root: str) -> lifecycle.WorkspaceBusy:
+    return lifecycle.WorkspaceBusy(f"stage '{name}': another DVC process holds {root}/.dvc/tmp/lock "
+                                   "(a `dvc repro` or `dvc exp run` by hand?); let it finish first")
+
+
+def _retry_transient_only(task, task_run, state) -> bool:
+    """Prefect retry condition: a busy workspace is not transient."""
+    try:
+        state.result()
+    except lifecycle.WorkspaceBusy:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=_retry_transient_only)
 def run_stage(name: str, root: str) -> str:
     dvc = Path(sys.executable).parent / "dvc"
     command = [str(dvc) if dvc.exists() else "dvc", "repro", "--single-item", name]
-    completed = subprocess.run(command, cwd=root, env=_stage_env())
-    if completed.returncode != 0:
-        raise RuntimeError(f"stage '{name}' failed (exit {completed.returncode}); see its output above")
+    if lifecycle.dvc_lock_held(root):
+        raise _busy(name, root)
+    code = lifecycle.run_child(command, cwd=root, env=_stage_env())
+    if code != 0:
+        if lifecycle.dvc_lock_held(root):
+            raise _busy(name, root)
+        raise StageFailed(f"stage '{name}' failed (exit {code}); its output is above")
     return name
 
 
 @flow(name="posttrain-pipeline", log_prints=True)
-def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] | None = None) -> dict:
+def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] | None = None,
+             wait: float | None = 0.0) -> dict:
     """Run every stage; return the summary (accuracies, gate decision, MLflow ids).
 
     `overrides` (key=value, as `posttrain run -S`) are written into root's params.yaml first: how a
     deployment (`posttrain serve/deploy -S ...`) pins knobs; everything else comes from params.yaml.
+    The run holds the workspace lock throughout; `wait` is how long to queue behind another holder
+    (0: refuse at once, None: forever).
     """
     import mlflow
 
-    root = str(Path(root).resolve())
-    if overrides:
-        from posttrain.cli import update_params_file
+    from posttrain.preflight import update_params_file, validate_workspace
 
-        update_params_file(Path(root) / "params.yaml", None, list(overrides))
-    with tracking.pipeline_run(root, run_name=run_name) as parent:
-        mlflow.log_artifact(str(Path(root) / "params.yaml"))
-        for stage in stages.STAGES:
-            run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(stage.name, root)
-        result = summary.collect(root)
-        mlflow.log_metrics(summary.numeric(result))
-        mlflow.set_tag("gate.decision", result.get("gate", {}).get("decision", "n/a"))
-        result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
-                            "experiment_id": parent.info.experiment_id}
+    root = str(Path(root).resolve())
+    with lifecycle.workspace_lock(root, wait=wait), lifecycle.stop_on_signals():
+        update_params_file(Path(root) / "params.yaml", None, list(overrides or []))
+        validate_workspace(root)  # every param, before anything runs
+        with tracking.pipeline_run(root, run_name=run_name) as parent:
+            lifecycle.record_holder(root, parent.info.run_id)
+            mlflow.log_artifact(str(Path(root) / "params.yaml"))
+            for stage in stages.STAGES:
+                run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(stage.name, root)
+            result = summary.collect(root)
+            mlflow.log_metrics(summary.numeric(result))
+            mlflow.set_tag("gate.decision", result.get("gate", {}).get("decision", "n/a"))
+            result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
+                                "experiment_id": parent.info.experiment_id}
     return result
 
 

@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 from posttrain.config import ConfigError
+from posttrain.preflight import update_params_file
 from posttrain.gate import GateRefused
 from posttrain.io import DataError
-
-PROFILES_DIR = Path("profiles")
+from posttrain.lifecycle import Stopped, WorkspaceBusy
+from posttrain.tracking import RegistryError
 
 
 def _quiet_env(args) -> None:
@@ -33,53 +34,20 @@ def _quiet_env(args) -> None:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 
-def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:
-    """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
-    from ruamel.yaml import YAML
-
-    from posttrain.config import load_params, parse_override
-    from posttrain.io import atomic_path
-
-    if not profile and not overrides:
-        return
-    yaml = YAML()
-    data = yaml.load(params_path.read_text())
-    changes: list[tuple[list[str], object]] = []
-    if profile:
-        profile_path = PROFILES_DIR / f"{profile}.yaml"
-        if not profile_path.exists():
-            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
-            raise ConfigError(f"{profile_path}: no such profile (known: {known})")
-
-        def walk(node, prefix):
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, prefix + [key])
-                else:
-                    changes.append((prefix + [key], value))
-
-        walk(YAML(typ="safe").load(profile_path.read_text()) or {}, [])
-    changes += [parse_override(text) for text in overrides]
-    for keys, value in changes:
-        node = data
-        for key in keys[:-1]:
-            if key not in node or node[key] is None:
-                node[key] = {}
-            node = node[key]
-        node[keys[-1]] = value
-    with atomic_path(params_path) as tmp:
-        with tmp.open("w") as handle:
-            yaml.dump(data, handle)
-        load_params(tmp)  # refuse to write a params file that does not validate
-    print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
-
-
 def cmd_run(args) -> int:
-    from flows.pipeline import pipeline
+    from flows.pipeline import StageFailed, pipeline
+    from posttrain.lifecycle import workspace_lock
     from posttrain.summary import render
 
-    update_params_file(Path("params.yaml"), args.profile, args.set or [])
-    result = pipeline(root=".", run_name=args.run_name)
+    wait = None if args.wait is not None and args.wait < 0 else args.wait
+    # The lock comes first: a second run must not rewrite params.yaml under a run that is reading it.
+    with workspace_lock(".", wait=wait):
+        update_params_file(Path("params.yaml"), args.profile, args.set or [])
+        try:
+            result = pipeline(root=".", run_name=args.run_name)
+        except StageFailed as err:
+            print(f"error: {err}; later stages did not run, the MLflow run is FAILED", file=sys.stderr)
+            return 1
     print(render(result))
     return 0
 
@@ -96,7 +64,10 @@ def cmd_stage(args) -> int:
     if os.environ.get(distributed.LAUNCHED_ENV) and distributed.world_size() == 1:
         print("warning: the launcher started one process only (without a GPU `accelerate launch --num_processes N` "
               "needs --multi_gpu or configs/accelerate/cpu_ddp.yaml)", file=sys.stderr)
-    run_stage(args.name)
+    from posttrain.lifecycle import stop_on_signals
+
+    with stop_on_signals(forward_to_children=False):  # SIGTERM: the stage's MLflow run ends KILLED
+        run_stage(args.name)
     return 0
 
 
@@ -165,10 +136,19 @@ def cmd_ui(args) -> int:
 def _deployment_parameters(args) -> dict:
     """The flow's parameters for a deployment: the workspace, and -S overrides validated now."""
     from posttrain.config import load_params
+    from posttrain.preflight import validate_workspace
 
     overrides = args.set or []
-    load_params("params.yaml", overrides=overrides)  # a bad -S fails here in one line, not at 2 am
+    validate_workspace(".")
+    load_params("params.yaml", overrides=overrides, build_library_configs=True)  # a bad -S fails here, not at 2 am
     return {"root": getattr(args, "root", None) or str(Path(".").resolve()), "overrides": overrides}
+
+
+def _one_run_at_a_time():
+    """A deployment's concurrency limit: an overlapping scheduled run queues instead of failing on the lock."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    return ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
 
 
 def cmd_serve(args) -> int:
@@ -177,7 +157,7 @@ def cmd_serve(args) -> int:
     parameters = _deployment_parameters(args)
     print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop); "
           "PREFECT_API_URL picks the server, none starts a local one")
-    pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
+    pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=_one_run_at_a_time())
     return 0
 
 
@@ -191,7 +171,8 @@ def cmd_deploy(args) -> int:
     source = args.source or str(Path(flows.pipeline.__file__).resolve().parents[1])
     flow = pipeline.from_source(source=source, entrypoint="flows/pipeline.py:pipeline")
     deployment_id = flow.deploy(name=args.name, work_pool_name=args.pool, cron=args.cron, image=args.image,
-                                build=False, push=False, parameters=parameters, print_next_steps=False)
+                                build=False, push=False, parameters=parameters, print_next_steps=False,
+                                concurrency_limit=_one_run_at_a_time())
     print(f"deployment 'posttrain-pipeline/{args.name}' ({deployment_id}) on work pool '{args.pool}'"
           f"{' with cron ' + repr(args.cron) if args.cron else ''}; start a worker: "
           f"prefect worker start --pool {args.pool}")
@@ -209,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                      help="write a params.yaml value first, e.g. -S sft.training.learning_rate=1e-4 (repeatable)")
     run.add_argument("--run-name", help="name of the parent MLflow run")
+    run.add_argument("--wait", nargs="?", type=float, const=-1.0, default=0.0, metavar="SECONDS",
+                     help="if another run holds this workspace, wait for it (for SECONDS, or without a limit) "
+                          "instead of refusing at once")
     run.set_defaults(func=cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage now (what dvc.yaml's commands call)")
@@ -273,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_env(args)
     try:
         return args.func(args)
-    except (ConfigError, DataError, GateRefused, FileNotFoundError) as err:
+    except (ConfigError, DataError, GateRefused, FileNotFoundError, RegistryError, WorkspaceBusy) as err:
         # Known input problems: one line that names what and where, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"posttrain {args.command}: {stop}; its MLflow runs are marked KILLED", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

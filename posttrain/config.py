@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import tempfile
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +54,10 @@ class RewardModelConfig:
 
 
 QUANTIZATION = ("none", "4bit", "8bit")  # sft.quantization: bitsandbytes precision of the frozen base
+# Registry names, checked when params load. tasks/rl.py's METHODS and tasks/reward_model.py's kinds must
+# match (a test checks); they are listed here so that loading params does not import the stage code.
+RL_METHODS = ("grpo", "reinforce", "ppo", "draft", "hybrid")
+REWARD_MODEL_KINDS = ("classifier", "pairwise")
 
 
 @dataclass
@@ -132,24 +138,10 @@ class Params:
 
 # Library classes whose field names a dict section must use.
 def _library_fields() -> dict[tuple[str, ...], Any]:
-    # Imported lazily: transformers/trl/peft take seconds to import.
-    from peft import LoraConfig
-    from transformers import LlamaConfig, TrainingArguments
-    from trl import GRPOConfig
-    from trl import SFTConfig as TRLSFTConfig
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12 (STACK.md)
-    from trl.experimental.ppo import PPOConfig
+    from transformers import LlamaConfig
 
-    return {
-        ("base", "tiny"): set(LlamaConfig().to_dict()) | {"vocab_size"},
-        ("reward_model", "training"): {f.name for f in dataclasses.fields(TrainingArguments)},
-        ("sft", "lora"): {f.name for f in dataclasses.fields(LoraConfig)},
-        ("sft", "training"): {f.name for f in dataclasses.fields(TRLSFTConfig)},
-        ("rl", "lora"): {f.name for f in dataclasses.fields(LoraConfig)},
-        ("rl", "training"): {f.name for f in dataclasses.fields(GRPOConfig)},
-        ("rl", "ppo"): {f.name for f in dataclasses.fields(PPOConfig)},
-        ("rl", "draft", "training"): {f.name for f in dataclasses.fields(TRLSFTConfig)},
-    }
+    fields = {path: {f.name for f in dataclasses.fields(cls)} for path, cls in _library_classes().items()}
+    return {("base", "tiny"): set(LlamaConfig().to_dict()) | {"vocab_size"}, **fields}
 
 
 # --------------------------------------------------------------------------- loading
@@ -253,10 +245,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None, check_library_fields: bool = True) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None, check_library_fields: bool = True,
+                label: str | Path | None = None, build_library_configs: bool = False) -> Params:
+    """Load, type-check and range-check params; `label` is the name errors give the file (default: path).
+
+    build_library_configs=True also builds every library config from its section (SFTConfig, GRPOConfig,
+    LoraConfig, PPOConfig, TrainingArguments): what `posttrain run` does before any stage starts.
+    """
     path = Path(path)
+    label = str(label or path)
     if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{label}: params file not found")
     text = path.read_text()
     try:
         raw = yaml.safe_load(text) or {}
@@ -264,14 +263,12 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(f"{label}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     raw = apply_overrides(raw, overrides or [])
-    where = _Where(str(path), lines)
+    where = _Where(label, lines)
     params = _build(Params, raw, (), where)
-    if params.sft.quantization not in QUANTIZATION:
-        raise ConfigError(f"{where(('sft', 'quantization'))}: 'sft.quantization' must be one of "
-                          f"{', '.join(QUANTIZATION)}, got {params.sft.quantization!r}")
-    if check_library_fields:
+    check_values(params, where)
+    if check_library_fields or build_library_configs:
         for section_path, allowed in _library_fields().items():
             section = params
             for name in section_path:
@@ -282,7 +279,172 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
                     raise ConfigError(
                         f"{where(key_path)}: unknown key '{'.'.join(key_path)}'{_did_you_mean(key, allowed)}"
                     )
+    if build_library_configs:
+        check_library_configs(params, where)
     return params
+
+
+def _between(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False):
+    def ok(value) -> bool:
+        return ((low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high)))
+
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    return ok, " and ".join(part for part in (lo, hi) if part)
+
+
+def _one_of(*names: str):
+    return (lambda value: value in names), f"one of {', '.join(names)}"
+
+
+# (key path, (check, what it must be)): values that a type alone does not rule out.
+RULES: list[tuple[tuple[str, ...], tuple]] = [
+    (("data", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "max_train"), _between(0, None)),
+    (("data", "max_test"), _between(0, None)),
+    (("reward_model", "kind"), _one_of(*REWARD_MODEL_KINDS)),
+    (("reward_model", "n_examples"), _between(2, None)),
+    (("reward_model", "max_length"), _between(8, None)),
+    (("sft", "max_examples"), _between(0, None)),
+    (("sft", "quantization"), _one_of(*QUANTIZATION)),
+    (("rl", "method"), _one_of(*RL_METHODS)),
+    (("rl", "max_prompts"), _between(0, None)),
+    (("rl", "draft", "beta"), _between(0, None)),
+    (("rl", "draft", "warmup_steps"), _between(0, None)),
+    (("rl", "draft", "tau"), _between(0, None, low_open=True)),
+    (("rl", "hybrid", "sft_fraction_start"), _between(0, 1)),
+    (("rl", "hybrid", "sft_fraction_end"), _between(0, 1)),
+    (("rl", "hybrid", "sft_batch_size"), _between(1, None)),
+    (("eval", "n_questions"), _between(0, None)),
+    (("eval", "batch_size"), _between(1, None)),
+    (("eval", "streams"), _between(0, None)),
+    (("eval", "max_new_tokens"), _between(1, None)),
+    (("eval", "shots"), _between(0, None)),
+    (("eval", "prompt_style"), _one_of("chat", "plain")),
+    (("eval", "dtype"), _one_of("float32", "bfloat16", "float16")),
+    (("promote", "metric"), _one_of("strict", "flexible")),
+    (("promote", "threshold"), _between(0, 1)),
+    # A negative minimum effect would promote a candidate that is worse than its baseline.
+    (("promote", "min_effect"), _between(0, None)),
+    (("promote", "confidence"), _between(0.5, 1, low_open=True, high_open=True)),
+    (("promote", "n_bootstrap"), _between(100, None)),
+    (("promote", "registered_model"), ((lambda value: bool(value.strip())), "a non-empty name")),
+]
+# Batch sizes and step counts inside the library sections (the libraries accept 0 and fail later).
+LIBRARY_RULES: list[tuple[str, tuple]] = [
+    ("per_device_train_batch_size", _between(1, None)),
+    ("gradient_accumulation_steps", _between(1, None)),
+    ("num_generations", _between(2, None)),
+    ("learning_rate", _between(0, None, low_open=True)),
+    ("r", _between(1, None)),
+]
+
+
+def _get(params: Params, path: tuple[str, ...]) -> Any:
+    node: Any = params
+    for name in path:
+        node = node[name] if isinstance(node, dict) else getattr(node, name)
+    return node
+
+
+def _check_finite(node: Any, path: tuple[str, ...], where: "_Where") -> None:
+    """NaN or Infinity in any numeric param: a learning rate of nan trains garbage without an error."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, path + (str(key),), where)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _check_finite(value, path, where)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where(path)}: '{'.'.join(path)}' must be a finite number, got {node}")
+
+
+def check_values(params: Params, where: "_Where") -> None:
+    _check_finite(to_dict(params), (), where)
+    for path, (ok, must_be) in RULES:
+        value = _get(params, path)
+        if not ok(value):
+            raise ConfigError(f"{where(path)}: '{'.'.join(path)}' must be {must_be}, got {value!r}")
+    for section_path in LIBRARY_SECTIONS:
+        section = _get(params, section_path)
+        for key, (ok, must_be) in LIBRARY_RULES:
+            value = section.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+                key_path = section_path + (key,)
+                raise ConfigError(f"{where(key_path)}: '{'.'.join(key_path)}' must be {must_be}, got {value!r}")
+
+
+def _accepts(value: Any, annotation: Any) -> bool:
+    """Whether a library dataclass field typed `annotation` takes `value` (only what can be told apart)."""
+    import enum
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_accepts(value, arm) for arm in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation} or isinstance(value, annotation)
+    if annotation in (int, float, bool, str, dict, list):
+        return _type_ok(value, annotation) if annotation is not list else isinstance(value, (list, tuple))
+    if origin in (list, dict, tuple):
+        return isinstance(value, origin if origin is not tuple else (list, tuple))
+    return True  # anything else (Any, callables, classes): the library decides
+
+
+def _library_classes() -> dict[tuple[str, ...], type]:
+    # Imported lazily: transformers/trl/peft take seconds to import.
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+    from trl import GRPOConfig
+    from trl import SFTConfig as TRLSFTConfig
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental in TRL 1.12 (STACK.md)
+    from trl.experimental.ppo import PPOConfig
+
+    return {
+        ("reward_model", "training"): TrainingArguments,
+        ("sft", "lora"): LoraConfig,
+        ("sft", "training"): TRLSFTConfig,
+        ("rl", "lora"): LoraConfig,
+        ("rl", "training"): GRPOConfig,
+        ("rl", "ppo"): PPOConfig,
+        ("rl", "draft", "training"): TRLSFTConfig,
+    }
+
+
+LIBRARY_SECTIONS = (("reward_model", "training"), ("sft", "lora"), ("sft", "training"), ("rl", "lora"),
+                    ("rl", "training"), ("rl", "ppo"), ("rl", "draft", "training"))
+
+
+def check_library_configs(params: Params, where: "_Where") -> None:
+    """Build each library config from its section: wrong types and values the library refuses fail now,
+    with the params line, instead of minutes later inside a stage."""
+    import warnings
+
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notes of the libraries: not the user's problem here
+        for section_path, cls in _library_classes().items():
+            section = _get(params, section_path)
+            hints = typing.get_type_hints(cls)
+            for key, value in section.items():
+                if key in hints and not _accepts(value, hints[key]):
+                    key_path = section_path + (str(key),)
+                    wanted = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+                    raise ConfigError(f"{where(key_path)}: '{'.'.join(key_path)}' must be {wanted}, "
+                                      f"got {type(value).__name__} ({value!r})")
+            if cls.__name__ == "LoraConfig":
+                kwargs = {"task_type": "CAUSAL_LM"} | section
+            else:  # the device defaults posttrain.training.trainer_kwargs applies (TRL defaults to bf16)
+                kwargs = {"use_cpu": True, "bf16": False, "report_to": "none"} | section | {"output_dir": scratch}
+            try:
+                cls(**kwargs)
+            except Exception as err:  # the library's own refusal, whatever its type
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"{where(section_path)}: '{'.'.join(section_path)}' refused by "
+                                  f"{cls.__name__}: {message}") from None
 
 
 def to_dict(params: Params) -> dict:

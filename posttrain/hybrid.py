@@ -59,6 +59,8 @@ def train(model, tokenizer, prompts, sft_examples, reward_funcs, reward_weights:
     """`args.max_steps` steps on a PEFT `model`, each an SFT or an RL step; returns a Trainer-style log."""
     from tqdm.auto import tqdm
 
+    print("hybrid: no checkpoints; an interrupted run restarts from step 0")
+
     from posttrain.reinforce import apply_gradients, optimizer_and_scheduler, rl_step_loss
 
     torch.manual_seed(args.seed)

@@ -235,6 +235,7 @@ def run_ppo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
         value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": prompt_ids}),
         peft_config=lora_config(params.rl.lora),
     )
+    print("ppo: no checkpoints (TRL's PPOTrainer cannot resume); an interrupted run restarts from step 0")
     trainer.train()
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return trainer.accelerator.unwrap_model(trainer.model).policy, tokenizer, trainer.state.log_history

@@ -117,6 +117,8 @@ def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], 
     """Run `args.max_steps` REINFORCE steps on a PEFT `model`; return a Trainer-style log history."""
     from tqdm.auto import tqdm
 
+    print("reinforce: no checkpoints; an interrupted run restarts from step 0")
+
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     optimizer, scheduler, trainable = optimizer_and_scheduler(model, args)

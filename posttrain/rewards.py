@@ -256,6 +256,9 @@ def weighted_total(per_reward: list[list[float | None]], weights: list[float]) -
     return [sum(w * float(values[i] or 0.0) for w, values in zip(weights, per_reward)) for i in range(len(per_reward[0]))]
 
 
+POSTPROCESS_OPTIONS = {"clip", "scale", "normalize", "ema_decay"}  # the keyword options of weighted_sum
+
+
 def weighted_sum(components: list[tuple[RewardFn, float]], clip: list[float] | None = None, scale: float = 1.0,
                  normalize: bool = False, ema_decay: float = 0.99) -> RewardFn:
     norm = RunningNorm(ema_decay) if normalize else None
@@ -295,9 +298,8 @@ def build(spec: dict, postprocess: dict | None = None) -> tuple[list[RewardFn], 
         except TypeError as err:
             raise ValueError(f"rl.rewards.{name}: bad option ({err})") from None
     if postprocess:
-        allowed = {"clip", "scale", "normalize", "ema_decay"}
-        unknown = set(postprocess) - allowed
+        unknown = set(postprocess) - POSTPROCESS_OPTIONS
         if unknown:
-            raise ValueError(f"rl.reward_postprocess: unknown option(s) {sorted(unknown)}; known: {sorted(allowed)}")
+            raise ValueError(f"rl.reward_postprocess: unknown option(s) {sorted(unknown)}; known: {sorted(POSTPROCESS_OPTIONS)}")
         return [weighted_sum(components, **postprocess)], [1.0]
     return [fn for fn, _ in components], [weight for _, weight in components]

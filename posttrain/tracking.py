@@ -21,6 +21,10 @@ ARTIFACTS_ENV = "POSTTRAIN_ARTIFACT_LOCATION"
 DEFAULT_EXPERIMENT = "posttrain-gsm8k"
 
 
+class RegistryError(RuntimeError):
+    """The tracking server or model registry answered with an error other than "not found"."""
+
+
 def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow' / 'mlflow.db'}"
 
@@ -52,15 +56,71 @@ def setup(root: str | Path = ".") -> str:
     return experiment_id
 
 
+WORKSPACE_TAG = "posttrain.workspace"
+
+
+def _run_tags(root: str | Path) -> dict[str, str]:
+    """Tags that let a later run find this one if its process dies without ending it."""
+    from posttrain.lifecycle import identity
+
+    return {WORKSPACE_TAG: str(Path(root).resolve()), **identity()}
+
+
+@contextlib.contextmanager
+def _active_run(**start_kwargs) -> Iterator:
+    """mlflow.start_run as a context that ends the run KILLED on a stop (SIGTERM, Ctrl-C), FAILED on an
+    error and FINISHED otherwise (MLflow's own context says FAILED for a stop too)."""
+    import mlflow
+
+    from posttrain.lifecycle import Stopped
+
+    run = mlflow.start_run(**start_kwargs)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except (Stopped, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
 @contextlib.contextmanager
 def stage_run(stage_name: str, root: str | Path = ".") -> Iterator:
     import mlflow
 
     setup(root)
     parent = os.environ.get(PARENT_ENV)
-    with mlflow.start_run(run_name=stage_name, parent_run_id=parent or None, nested=bool(parent),
-                          tags={"posttrain.stage": stage_name}) as run:
+    with _active_run(run_name=stage_name, parent_run_id=parent or None, nested=bool(parent),
+                     tags={"posttrain.stage": stage_name, **_run_tags(root)}) as run:
         yield run
+
+
+def end_orphaned_runs(root: str | Path = ".") -> list[str]:
+    """Mark this workspace's RUNNING runs whose process is gone (SIGKILL, power loss) as KILLED.
+
+    Called by a new pipeline run while it holds the workspace lock. Runs of a live process (a stage
+    run by hand) and runs from another host are left alone. Returns the ids it ended.
+    """
+    from mlflow import MlflowClient
+
+    from posttrain.lifecycle import is_alive
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return []
+    workspace = str(Path(root).resolve()).replace("'", "\\'")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{workspace}'")
+    ended = []
+    for run in runs:
+        if not is_alive(run.data.tags):
+            client.set_tag(run.info.run_id, "posttrain.ended_by", "a later run: its process was gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 @contextlib.contextmanager
@@ -69,7 +129,9 @@ def pipeline_run(root: str | Path = ".", run_name: str | None = None, tags: dict
     import mlflow
 
     setup(root)
-    with mlflow.start_run(run_name=run_name, tags={"posttrain.pipeline": "true", **(tags or {})}) as run:
+    for run_id in end_orphaned_runs(root):
+        print(f"marked MLflow run {run_id} KILLED: the process that ran it is gone")
+    with _active_run(run_name=run_name, tags={"posttrain.pipeline": "true", **_run_tags(root), **(tags or {})}) as run:
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id
         try:

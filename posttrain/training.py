@@ -125,7 +125,30 @@ def train_resumable(trainer, checkpoint_dir: str | Path, label: str, *settings) 
         resume = last_checkpoint(checkpoint_dir, fingerprint(*settings), clean=False)
     if resume:
         print(f"resuming {label} from {resume}")
+    if main:
+        link_resumed_run(checkpoint_dir, resume)
     trainer.train(resume_from_checkpoint=resume)
+
+
+RUN_ID_FILE = "mlflow_run_id.txt"  # in a checkpoint folder: the MLflow run that is writing its checkpoints
+
+
+def link_resumed_run(checkpoint_dir: str | Path, resume: str | None) -> None:
+    """Tag a resumed stage run with the (killed) run whose checkpoint it continues, so the MLflow UI tells
+    the story; then record this run as the writer of the checkpoints to come."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None:  # run outside a stage (tests, notebooks): nothing to link
+        return
+    record = Path(checkpoint_dir) / RUN_ID_FILE
+    previous = record.read_text().strip() if resume and record.exists() else ""
+    if resume:
+        mlflow.set_tags({"posttrain.resumed_from_checkpoint": Path(resume).name,
+                         **({"posttrain.resumed_from_run": previous} if previous else {})})
+        if previous:
+            mlflow.MlflowClient().set_tag(previous, "posttrain.resumed_by_run", active.info.run_id)
+    record.write_text(active.info.run_id)
 
 
 def fingerprint(*parts) -> str:

@@ -11,23 +11,47 @@ stage's run, tags on the model version) and to reports/promotion.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from posttrain.config import Params, to_dict
 from posttrain.gate import GateRefused, check_same_protocol, decide, pair_records
-from posttrain.io import atomic_path, read_json, read_jsonl
+from posttrain.io import DataError, atomic_path, read_json, read_jsonl
+from posttrain.tracking import PARENT_ENV, RegistryError
 
 CHAMPION = "champion"
 CACHE_DIR = Path(".cache/champion_evals")
+EVAL_FILES = ("metrics.json", "records.jsonl")
+METRIC_KEYS = ("accuracy_strict", "accuracy_flexible", "n_questions", "protocol_hash", "question_set_hash")
+
+
+def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
+    """An eval report (metrics.json + records.jsonl), checked: a missing or corrupt one is a DataError."""
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    if not path.exists():
+        raise DataError(f"{path}: eval report not found (run its eval stage first)")
+    try:
+        metrics = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: corrupt eval report ({str(err).splitlines()[0]})") from None
+    missing = [key for key in METRIC_KEYS if not isinstance(metrics, dict) or key not in metrics]
+    if missing:
+        raise DataError(f"{path}: corrupt eval report (missing {', '.join(missing)})")
+    records = read_jsonl(folder / "records.jsonl", required={"question": str, f"correct_{metric}": bool})
+    return metrics, records
+
+
+def _cache_key(version: str, protocol_hash: str, question_set_hash: str) -> str:
+    return f"v{version}-{protocol_hash}-{question_set_hash}"
 
 
 def champion_results(client, name: str, version, cache_dir: Path) -> tuple[dict, list[dict]]:
     """The champion's eval metrics and per-question records, from the local cache or its run."""
     tags = version.tags
-    key = f"v{version.version}-{tags.get('protocol_hash', 'na')}-{tags.get('question_set_hash', 'na')}"
-    cached = cache_dir / key
+    cached = cache_dir / _cache_key(version.version, tags.get("protocol_hash", "na"), tags.get("question_set_hash", "na"))
     if not (cached / "records.jsonl").exists():
         import mlflow
 
@@ -64,6 +88,61 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "unknown"
 
 
+def candidate_hash(candidate_dir: Path, candidate_eval: Path) -> str:
+    """sha256 over the candidate's files and its eval report: the same model judged the same way."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in (Path(candidate_dir), Path(candidate_eval)):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode())
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def current_champion(client, name: str):
+    """The version holding the champion alias, or None when the model or the alias does not exist.
+
+    Only "not found" means "no champion": any other registry error (auth, timeout, a 500) fails the
+    stage, since comparing against the base model instead could promote a model worse than the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        # Ask for the model first: stores report a missing alias with different codes (sqlite says
+        # INVALID_PARAMETER_VALUE), a missing model is RESOURCE_DOES_NOT_EXIST everywhere.
+        registered = client.get_registered_model(name)
+        if CHAMPION not in (registered.aliases or {}):
+            return None
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"model registry: cannot read alias '{CHAMPION}' of '{name}' "
+                            f"({err.error_code}: {str(err.message).splitlines()[0][:300]}); nothing registered") from None
+    except Exception as err:  # connection refused, timeouts, ...: the registry cannot be read
+        raise RegistryError(f"model registry: cannot read alias '{CHAMPION}' of '{name}' "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); nothing registered") from None
+
+
+def find_version(client, name: str, tags: dict[str, str]):
+    """The version registered earlier with exactly these identifying tags (a retried promote), else None."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if all(version.tags.get(key) == value for key, value in tags.items()):
+            return version
+    return None
+
+
+def remember_champion_eval(cache_dir: Path, version: str, metrics: dict, candidate_eval: Path) -> None:
+    """The new champion's results are already here: cache them so the next gate downloads nothing."""
+    target = Path(cache_dir) / _cache_key(version, metrics["protocol_hash"], metrics["question_set_hash"])
+    with atomic_path(target, is_dir=True) as tmp:
+        for name in EVAL_FILES:
+            shutil.copy(Path(candidate_eval) / name, tmp / name)
+
+
 def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, base_eval: str | Path,
         sft_eval: str | Path, cache_dir: Path = CACHE_DIR, register: bool = True) -> dict:
     import mlflow
@@ -72,18 +151,15 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
     cfg = params.promote
     key = f"correct_{cfg.metric}"
     candidate_eval, base_eval = Path(candidate_eval), Path(base_eval)
-    cand_metrics, cand_records = read_json(candidate_eval / "metrics.json"), read_jsonl(candidate_eval / "records.jsonl")
+    cand_metrics, cand_records = read_eval(candidate_eval, cfg.metric)
     client = MlflowClient()
-    try:
-        champion = client.get_model_version_by_alias(cfg.registered_model, CHAMPION)
-    except Exception:  # no registered model or no alias yet
-        champion = None
+    champion = current_champion(client, cfg.registered_model)
     if champion is not None:
         baseline_name = f"champion v{champion.version}"
         base_metrics, base_records = champion_results(client, cfg.registered_model, champion, Path(cache_dir))
     else:
         baseline_name = "base model"
-        base_metrics, base_records = read_json(base_eval / "metrics.json"), read_jsonl(base_eval / "records.jsonl")
+        base_metrics, base_records = read_eval(base_eval, cfg.metric)
 
     try:
         check_same_protocol(cand_metrics, base_metrics)
@@ -98,20 +174,29 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
     if register:
         run = mlflow.active_run()
         card = model_card(params, cand_metrics, decision, _file_sha(Path("data/prepared/train.jsonl")))
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "MODEL_CARD.md").write_text(card)
-            mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"), artifact_path="model")
-        mlflow.log_artifacts(str(candidate_dir), artifact_path="model")
-        for small in ("metrics.json", "records.jsonl"):
-            mlflow.log_artifact(str(candidate_eval / small), artifact_path="eval")
-        # The model is a plain HF folder of artifacts, not an MLflow "logged model": register it by location.
+        # A retry of this pipeline run's promote (say after a crash between registering and moving the
+        # alias) finds the version it registered for the same candidate instead of adding a second one.
+        identity = {"posttrain.candidate_hash": candidate_hash(Path(candidate_dir), candidate_eval),
+                    "posttrain.pipeline_run": os.environ.get(PARENT_ENV, "")}
         try:
             client.create_registered_model(cfg.registered_model)
-        except mlflow.exceptions.MlflowException:
-            pass  # already exists
-        model_version = client.create_model_version(
-            cfg.registered_model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-        )
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        model_version = find_version(client, cfg.registered_model, identity)
+        if model_version is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "MODEL_CARD.md").write_text(card)
+                mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"), artifact_path="model")
+            mlflow.log_artifacts(str(candidate_dir), artifact_path="model")
+            for small in EVAL_FILES:
+                mlflow.log_artifact(str(candidate_eval / small), artifact_path="eval")
+            # The model is a plain HF folder of artifacts, not an MLflow "logged model": register it by location.
+            model_version = client.create_model_version(
+                cfg.registered_model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=identity
+            )
+        else:
+            print(f"promote: version {model_version.version} already registers this candidate for this run: reusing it")
         version = model_version.version
         tags = {
             "protocol_hash": cand_metrics["protocol_hash"],
@@ -131,6 +216,7 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
         client.update_model_version(cfg.registered_model, version, description=card)
         if decision["promote"]:
             client.set_registered_model_alias(cfg.registered_model, CHAMPION, version)
+            remember_champion_eval(Path(cache_dir), version, cand_metrics, candidate_eval)
         mlflow.set_tags({"gate.decision": tags["gate.decision"], "gate.reason": decision["reason"][:5000]})
     decision["model_version"] = version
     return {"metrics": {k: v for k, v in decision.items()}}

@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from posttrain.config import Params
+from posttrain.config import REWARD_MODEL_KINDS, Params
 from posttrain.gsm8k import gold_answer, parse_number
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example, target_text
@@ -88,7 +88,7 @@ def load_encoder(source: str, seed: int):
     return model, tokenizer
 
 
-KINDS = ("classifier", "pairwise")
+KINDS = REWARD_MODEL_KINDS  # posttrain.config lists them so that loading params needs no stage code
 
 
 def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
@@ -130,10 +130,22 @@ def run_pairwise(params: Params, train_path: str | Path, val_path: str | Path, o
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             raise ValueError(f"reward_model.max_length={cfg.max_length} drops every {name} pair "
                              f"(of {len(total)}); raise it (pairs longer than max_length are skipped)")
-    trainer.train()
+    _train(trainer, params, checkpoint_dir)
     evaluation = trainer.evaluate() | {"kind": "pairwise", "n_train_pairs": len(trainer.train_dataset),
                                        "n_val_pairs": len(trainer.eval_dataset)}
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
+
+
+def _train(trainer, params: Params, checkpoint_dir) -> None:
+    """Resume from a checkpoint when reward_model.training saves them; by default (save_strategy: no, the
+    reward model trains in seconds to minutes) an interrupted run restarts from step 0, and says so."""
+    import dataclasses
+
+    from posttrain.training import train_resumable
+
+    if trainer.args.save_strategy == "no":
+        print("reward model: no checkpoints (reward_model.training.save_strategy: no); an interrupted run restarts from step 0")
+    train_resumable(trainer, checkpoint_dir, "reward model", dataclasses.asdict(params.reward_model), params.seed)
 
 
 def _save_outputs(model, tokenizer, trainer, evaluation: dict, out_dir, checkpoint_dir) -> dict:
@@ -158,6 +170,10 @@ def run_classifier(params: Params, train_path: str | Path, val_path: str | Path,
     set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     cfg = params.reward_model
     model, tokenizer = load_encoder(encoder_source(cfg.encoder), params.seed)
+    # The verdict hangs on the final `#### n` line: cut long texts from the left so it is always seen
+    # (right truncation at max_length 192 hid it in ~10% of GSM8K training texts). Saved with the
+    # tokenizer, so the `verifier` reward reads its inputs the same way.
+    tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
 
     def tokenize(batch):
         return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length, padding="max_length")
@@ -176,7 +192,7 @@ def run_classifier(params: Params, train_path: str | Path, val_path: str | Path,
     train = train.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
     val = val.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=compute_metrics)
-    trainer.train()
+    _train(trainer, params, checkpoint_dir)
     evaluation = trainer.evaluate()
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
 

@@ -89,3 +89,48 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
     update_params_file(target, None, ["eval.n_questions=9"])
     text = target.read_text()
     assert "n_questions: 9" in text and "# Every knob" in text  # comments survive
+
+
+@pytest.mark.parametrize("override,message", [
+    ("promote.min_effect=-0.5", r"params.yaml:\d+: 'promote.min_effect' must be >= 0, got -0.5"),
+    ("promote.threshold=1.5", r"'promote.threshold' must be >= 0 and <= 1"),
+    ("promote.confidence=0.4", r"'promote.confidence' must be > 0.5 and < 1"),
+    ("promote.confidence=1", r"'promote.confidence' must be > 0.5 and < 1"),
+    ("sft.training.learning_rate=abc", r"params.yaml:\d+: 'sft.training.learning_rate' must be float, got str"),
+    ("sft.training.learning_rate=nan", r"'sft.training.learning_rate' must be a finite number, got nan"),
+    ("rl.training.temperature=.inf", r"'rl.training.temperature' must be a finite number, got inf"),
+    ("sft.lora.r=0", r"'sft.lora.r' must be >= 1, got 0"),
+    ("rl.method=dpo", r"'rl.method' must be one of grpo, reinforce, ppo, draft, hybrid, got 'dpo'"),
+    ("reward_model.kind=mlp", r"'reward_model.kind' must be one of"),
+    ("eval.batch_size=0", r"'eval.batch_size' must be >= 1, got 0"),
+    ("sft.training.per_device_train_batch_size=0", r"'sft.training.per_device_train_batch_size' must be >= 1"),
+    ("data.val_fraction=1.5", r"'data.val_fraction' must be > 0 and < 1, got 1.5"),
+    ("eval.n_questions=-1", r"'eval.n_questions' must be >= 0, got -1"),
+    ("sft.training.optim=adamw_fast", r"'sft.training' refused by SFTConfig: adamw_fast is not a valid OptimizerNames"),
+    ("rl.rewards.accuracy=1", r"unknown reward 'rl.rewards.accuracy'; known: "),
+    ("sft.training.learnin_rate=1", r"params.yaml:\d+: unknown key 'sft.training.learnin_rate' \(did you mean"),
+])
+def test_bad_values_are_refused_up_front_naming_params_yaml_and_line(tmp_path, monkeypatch, override, message):
+    """What `posttrain run -S ...` checks before it writes params.yaml or starts anything."""
+    import re
+    import shutil
+
+    from posttrain.preflight import update_params_file
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        update_params_file(Path("params.yaml"), None, [override])
+    text = str(err.value)
+    assert re.search(message, text), text
+    assert text.startswith("params.yaml:") and ".tmp-" not in text and "\n" not in text and "np." not in text
+    assert (tmp_path / "params.yaml").read_text() == before
+
+
+def test_the_registries_and_the_names_params_accept_agree():
+    from posttrain.config import REWARD_MODEL_KINDS, RL_METHODS
+    from tasks import reward_model, rl
+
+    assert set(rl.METHODS) == set(RL_METHODS)
+    assert set(reward_model.KINDS) == set(REWARD_MODEL_KINDS)

@@ -1,0 +1,96 @@
+"""Before a run starts: every param checked (types, ranges, library configs, registry names), and
+params.yaml written only in a form that passes those checks.
+
+    python -m posttrain.preflight          # check ./params.yaml; exit 2 with `params.yaml:line: ...`
+
+Kept apart from posttrain.config, which every stage imports: this module imports the reward
+registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from posttrain.config import ConfigError, Params, _line_index, _Where, load_params
+
+PROFILES_DIR = Path("profiles")
+
+
+def check_registries(params: Params, where: _Where) -> None:
+    from posttrain import rewards
+
+    for name, entry in params.rl.rewards.items():
+        if name not in rewards.FACTORIES:
+            raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
+                              f"known: {', '.join(sorted(rewards.FACTORIES))}")
+        weight = entry.get("weight", 1.0) if isinstance(entry, dict) else entry
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{where(('rl', 'rewards', name))}: 'rl.rewards.{name}' needs a numeric weight, "
+                              f"got {weight!r}")
+    unknown = set(params.rl.reward_postprocess) - rewards.POSTPROCESS_OPTIONS
+    if unknown:
+        raise ConfigError(f"{where(('rl', 'reward_postprocess'))}: unknown 'rl.reward_postprocess' option(s) "
+                          f"{', '.join(sorted(unknown))}; known: {', '.join(sorted(rewards.POSTPROCESS_OPTIONS))}")
+
+
+def validate_file(path: str | Path, label: str | Path | None = None) -> Params:
+    """Load a params file with every check; errors name `label` (default: the path) and the line."""
+    label = str(label or path)
+    params = load_params(path, label=label, build_library_configs=True)
+    check_registries(params, _Where(label, _line_index(Path(path).read_text())))
+    return params
+
+
+def validate_workspace(root: str | Path = ".", params_name: str = "params.yaml") -> Params:
+    return validate_file(Path(root) / params_name, label=params_name)
+
+
+def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:
+    """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
+    from ruamel.yaml import YAML
+
+    from posttrain.config import parse_override
+    from posttrain.io import atomic_path
+
+    if not profile and not overrides:
+        return
+    yaml = YAML()
+    data = yaml.load(params_path.read_text())
+    changes: list[tuple[list[str], object]] = []
+    if profile:
+        profile_path = PROFILES_DIR / f"{profile}.yaml"
+        if not profile_path.exists():
+            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+            raise ConfigError(f"{profile_path}: no such profile (known: {known})")
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, prefix + [key])
+                else:
+                    changes.append((prefix + [key], value))
+
+        walk(YAML(typ="safe").load(profile_path.read_text()) or {}, [])
+    changes += [parse_override(text) for text in overrides]
+    for keys, value in changes:
+        node = data
+        for key in keys[:-1]:
+            if key not in node or node[key] is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    with atomic_path(params_path) as tmp:
+        with tmp.open("w") as handle:
+            yaml.dump(data, handle)
+        # Refuse to write a params file that does not validate; errors name the real file, not the temporary one.
+        validate_file(tmp, label=params_path)
+    print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
+
+
+if __name__ == "__main__":
+    try:
+        validate_workspace(".")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print("params.yaml: ok")
