@@ -29,6 +29,8 @@ def _quiet_env(args) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's temporary server gets 20 s to start by default: not enough on 2 busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
