@@ -83,3 +83,28 @@ def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
     finally:
         os.chdir(cwd)
     return path
+
+
+def run_in(ws: Path, command: list[str], timeout: float = 900, **env) -> subprocess.CompletedProcess:
+    """A command in a workspace, with this venv's bin first on PATH (dvc.yaml's `python -m posttrain`)."""
+    full_env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"), **env)
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
+    return subprocess.run(command, cwd=ws, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def reproduced_workspace(tmp_path_factory) -> Path:
+    """The tiny pipeline reproduced once (`dvc repro`) for the whole session. Never change it: take a
+    copy with `workspace_copy` (a tiny workspace copies in well under a second)."""
+    ws = make_workspace(tmp_path_factory.mktemp("reproduced") / "ws")
+    done = run_in(ws, [str(Path(sys.executable).parent / "dvc"), "repro"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return ws
+
+
+@pytest.fixture
+def workspace_copy(reproduced_workspace, tmp_path) -> Path:
+    """A private copy of the reproduced tiny workspace (git, DVC cache and lock, models, reports, MLflow store)."""
+    dest = tmp_path / "ws"
+    shutil.copytree(reproduced_workspace, dest, symlinks=True, ignore=shutil.ignore_patterns(".posttrain"))
+    return dest

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_workspace
 
 DVC = str(Path(sys.executable).parent / "dvc")
 OUTPUTS = ("data/prepared", "models/base", "models/sft_adapter")
@@ -36,9 +35,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_push_then_pull_restores_data_adapter_and_model(tmp_path):
-    ws = make_workspace(tmp_path / "ws")
-    dvc(ws, "repro", "sft")  # prepare, base, sft: data, a base model and a LoRA adapter
+def test_push_then_pull_restores_data_adapter_and_model(workspace_copy, tmp_path):
+    ws = workspace_copy  # reproduced: data, a base model, a LoRA adapter and the rest
     before = {out: digest(ws / out) for out in OUTPUTS}
     assert any(name.endswith(".safetensors") for name in before["models/sft_adapter"])
 

@@ -5,16 +5,13 @@ import subprocess
 
 import pytest
 
-from conftest import make_workspace
 from test_pipeline import DVC, _run
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_dvc_exp_run_sweeps_rl_methods_and_exp_show_lists_accuracy(tmp_path):
-    ws = make_workspace(tmp_path / "ws")
-    first = _run([DVC, "repro"], ws)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_dvc_exp_run_sweeps_rl_methods_and_exp_show_lists_accuracy(workspace_copy):
+    ws = workspace_copy
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "-A"], cwd=ws, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=ws, check=True, capture_output=True)
