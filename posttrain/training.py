@@ -70,7 +70,7 @@ def load_causal_lm(model_dir: str | Path, quantization: str = "none", gradient_c
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def _complete(checkpoint: Path) -> bool:
+def checkpoint_complete(checkpoint: Path) -> bool:
     """HF writes trainer_state.json after the weights, optimizer and RNG state: parseable means complete."""
     import json
 
@@ -104,7 +104,7 @@ def last_checkpoint(output_dir: str | Path, fingerprint: str, clean: bool = True
         (int(m.group(1)), p) for p in output_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()
     )
     for _, checkpoint in reversed(steps):
-        if _complete(checkpoint):
+        if checkpoint_complete(checkpoint):
             return str(checkpoint)
         if clean:
             shutil.rmtree(checkpoint)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import make_workspace
+from posttrain.training import checkpoint_complete
 
 DVC = str(Path(sys.executable).parent / "dvc")
 SFT_SETTINGS = ["sft.training.max_steps=30", "sft.training.save_steps=5", "sft.training.logging_steps=5",
@@ -44,14 +45,6 @@ def repro(ws, *targets):
     return subprocess.run([DVC, "repro", *targets], cwd=ws, env=env_for(ws), capture_output=True, text=True, timeout=600)
 
 
-def _complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def kill_when(ws, stage, checkpoint, complete=False, timeout=300):
     """`dvc repro <stage>` in its own process group, SIGKILLed (the whole group) once `checkpoint` exists
     (complete=True: once its trainer_state.json, written last, parses)."""
@@ -59,7 +52,7 @@ def kill_when(ws, stage, checkpoint, complete=False, timeout=300):
                             stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint = ws / checkpoint
     deadline = time.time() + timeout
-    while not (checkpoint.exists() and (not complete or _complete(checkpoint))):
+    while not (checkpoint.exists() and (not complete or checkpoint_complete(checkpoint))):
         assert proc.poll() is None, f"{stage} finished before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
