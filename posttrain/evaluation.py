@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from posttrain.config import EvalConfig
-from posttrain.gsm8k import gold_answer, has_final_answer_line, score
-from posttrain.io import require_safetensors
+from posttrain.gsm8k import extract_strict, gold_answer, has_final_answer_line, score
+from posttrain.io import DataError, require_safetensors, where
 from posttrain.prompts import digest, prompt_text, protocol
 
 
@@ -169,10 +169,32 @@ def question_set(records: list[dict], n: int) -> list[dict]:
     return records[:n] if n else records
 
 
+QUESTION_FIELDS = {"question": str, "answer": str}
+
+
+def check_questions(records: list[dict]) -> None:
+    """Refuse (DataError naming file:line, as read_jsonl keeps it) a record without a `question` string or
+    an `answer` string that ends in `#### <number>`."""
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{where(records, index)}: expected a JSON object, got {type(record).__name__}")
+        for key, kind in QUESTION_FIELDS.items():
+            if key not in record:
+                raise DataError(f"{where(records, index)}: missing field '{key}'")
+            if not isinstance(record[key], kind):
+                raise DataError(f"{where(records, index)}: field '{key}' must be {kind.__name__}, "
+                                f"got {type(record[key]).__name__}")
+        if extract_strict(record["answer"]) is None:
+            raise DataError(f"{where(records, index)}: field 'answer' has no final '#### <number>' line "
+                            f"(ends {record['answer'][-40:]!r})")
+
+
 def evaluate(model, tokenizer, records: list[dict], cfg: EvalConfig, shots: list[dict] | None = None,
              progress: bool = True) -> tuple[dict, list[dict]]:
     """Accuracy and speed metrics plus one record per question."""
     questions = question_set(records, cfg.n_questions)
+    check_questions(questions)  # before any generation: bad input fails in one line, at once
+    check_questions(shots or [])
     prompts = [prompt_text(r["question"], cfg, tokenizer, shots) for r in questions]
     result = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, streams=cfg.streams,
                       progress=progress)

@@ -11,16 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config import Params
-from posttrain.evaluation import evaluate, load_model
+from posttrain.evaluation import QUESTION_FIELDS, evaluate, load_model
 from posttrain.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 
 
 def run(params: Params, model_dir: str | Path, test_path: str | Path, train_path: str | Path,
         out_dir: str | Path, progress: bool = True) -> dict:
     cfg = params.eval
+    # Malformed questions fail here in one line naming the file and line, before the model is loaded.
+    questions = read_jsonl(test_path, required=QUESTION_FIELDS)
+    shots = read_jsonl(train_path, required=QUESTION_FIELDS)[: cfg.shots] if cfg.shots else None
     model, tokenizer = load_model(model_dir, cfg.dtype)
-    shots = read_jsonl(train_path)[: cfg.shots] if cfg.shots else None
-    metrics, records = evaluate(model, tokenizer, read_jsonl(test_path), cfg, shots, progress=progress)
+    metrics, records = evaluate(model, tokenizer, questions, cfg, shots, progress=progress)
     metrics["model"] = str(model_dir)
     with atomic_path(out_dir, is_dir=True) as tmp:
         write_jsonl(tmp / "records.jsonl", records)

@@ -35,8 +35,10 @@ def load_split(source: str, split: str) -> tuple[list[dict], str]:
 
 
 def _line_numbers(records: list[dict]) -> list[int]:
-    # read_jsonl skips blank lines only, which GSM8K files do not have; record i is on line i + 1.
-    return [i + 1 for i in range(len(records))]
+    """The file line of each record: read_jsonl keeps them (it skips blank lines); a hub split has none,
+    so record i is reported as line i + 1."""
+    lines = getattr(records, "line_numbers", None)
+    return list(lines) if lines and len(lines) == len(records) else [i + 1 for i in range(len(records))]
 
 
 def validate(records: list[dict], label: str, other_questions: set[str] | None = None) -> dict:
@@ -72,12 +74,13 @@ def validate(records: list[dict], label: str, other_questions: set[str] | None =
     first_failure = None
     for item in result.results:
         config = item.expectation_config
-        lines = [row["line"] for row in (item.result.get("unexpected_index_list") or [])]
+        # pandas hands back numpy integers: plain ints, so messages and the report say 8, not np.int64(8)
+        lines = [int(row["line"]) for row in (item.result.get("unexpected_index_list") or [])]
         entry = {
             "expectation": config.type,
             "column": config.kwargs.get("column"),
             "success": bool(item.success),
-            "unexpected_count": item.result.get("unexpected_count", 0),
+            "unexpected_count": int(item.result.get("unexpected_count") or 0),
             "first_lines": lines[:10],
         }
         report["expectations"].append(entry)

@@ -8,13 +8,21 @@ from posttrain.cli import build_parser, main
 
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
-    subcommands = parser._subparsers._group_actions[0].choices
-    assert {"run", "stage", "eval", "gate", "summary", "ui", "serve", "dvc-yaml"} <= set(subcommands)
-    for name, sub in subcommands.items():
-        assert sub.description or sub.format_help()
-        for action in sub._actions:
-            if action.dest != "help":
-                assert action.help, f"{name} {action.dest} has no help text"
+    subparsers = parser._subparsers._group_actions[0]
+    subcommands = subparsers.choices
+    assert {"run", "stage", "eval", "gate", "summary", "ui", "serve", "deploy", "dvc-yaml"} <= set(subcommands)
+    # The one-line help each subcommand shows in `posttrain --help` is the `help=` given to add_parser.
+    helps = {action.dest: (action.help or "").strip() for action in subparsers._choices_actions}
+    for name in subcommands:  # add_parser without help= leaves no entry at all
+        assert len(helps.get(name, "").split()) >= 3, f"subcommand {name!r} has no real help text: {helps.get(name)!r}"
+    listing = parser.format_help()
+    for name, text in helps.items():
+        assert text.split()[0] in listing, name
+    for owner, actions in [("posttrain", parser._actions)] + [(name, sub._actions) for name, sub in subcommands.items()]:
+        for action in actions:
+            if action.dest in ("help", "command"):
+                continue
+            assert action.help and len(action.help.split()) >= 2, f"{owner} {action.option_strings or action.dest} has no help text"
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--help"])
     assert exit_info.value.code == 0 and "--profile" in capsys.readouterr().out

@@ -173,11 +173,43 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and {r.data.tags["posttrain.stage"] for r in children} == {s.name for s in stages.STAGES}
     version = client.get_model_version("gsm8k-policy", "1")
-    assert version.tags["gate.decision"] in ("promoted", "rejected") and "protocol_hash" in version.tags
-    assert "# gsm8k-policy" in version.description  # the model card
+    assert "protocol_hash" in version.tags and "# gsm8k-policy" in version.description  # the model card
+
+    # The gate decided what the data determine: posttrain.gate.decide on the paired per-question records
+    # of the eval reports (no champion yet, so the base model is the baseline), and `champion` moved iff so.
+    from posttrain.config import load_params
+    from posttrain.gate import decide, pair_records
+
+    def expected_decision():
+        params = load_params(ws / "params.yaml")
+        cfg = params.promote
+        reports = {name: [json.loads(line) for line in (ws / f"reports/eval/{name}/records.jsonl").open()]
+                   for name in ("rl", "base")}
+        metrics = json.loads((ws / "reports/eval/rl/metrics.json").read_text())
+        cand, base = pair_records(reports["rl"], reports["base"], f"correct_{cfg.metric}")
+        assert sum(cand) / len(cand) == pytest.approx(metrics[f"accuracy_{cfg.metric}"])
+        return decide(cand, base, cfg.threshold, cfg.min_effect, cfg.confidence, cfg.n_bootstrap, params.seed)
+
+    want = expected_decision()
+    decision = json.loads((ws / "reports/promotion.json").read_text())
+    assert decision["baseline"] == "base model" and decision["model_version"] in ("1", 1)
+    assert decision["promote"] is want.promote and decision["reason"] == want.reason, (decision, want)
+    assert [decision[f"count_{k}"] for k in ("both_right", "only_candidate", "only_baseline", "both_wrong")] == [
+        want.counts.both_right, want.counts.only_candidate, want.counts.only_baseline, want.counts.both_wrong]
+    assert version.tags["gate.decision"] == ("promoted" if want.promote else "rejected")
+    aliases = client.get_registered_model("gsm8k-policy").aliases or {}
+    assert ("champion" in aliases) is want.promote and (not want.promote or str(aliases["champion"]) == "1")
 
     # Changing one eval knob reruns only the eval stages and the gate.
     changed = _run([sys.executable, "-m", "posttrain", "-q", "run", "-S", "eval.max_new_tokens=10"], ws)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "Running stage 'eval_rl'" in changed.stdout and "Running stage 'promote'" in changed.stdout
     assert "Running stage 'sft'" not in changed.stdout and "Running stage 'rl'" not in changed.stdout
+    second = json.loads((ws / "reports/promotion.json").read_text())
+    if want.promote:  # the champion was judged under max_new_tokens 12: not comparable, so refused
+        assert second["baseline"] == "champion v1" and second["promote"] is False
+        assert second["reason"].startswith("refused: refusing to compare results under a different protocol")
+    else:  # still no champion: the new eval reports against the base model's, decided by the data again
+        again_want = expected_decision()
+        assert second["baseline"] == "base model" and second["promote"] is again_want.promote
+        assert second["reason"] == again_want.reason

@@ -36,13 +36,22 @@ def test_cosine_similarity_on_minilm_embeddings():
     assert scores[0] > 0.6 > scores[1] and -1.0 <= scores[1] <= 1.0
 
 
-def test_verifier_reward_reads_the_trained_reward_model(params, prepared, tmp_path):
+def test_verifier_reward_reads_the_trained_reward_model(params, tmp_path):
     from tasks import reward_model
+    from verifier_case import held_out_pairs, verifier_params, write_splits
 
+    train, val, length = write_splits(tmp_path / "data")
     out = tmp_path / "rm"
-    reward_model.run(params, prepared / "train.jsonl", prepared / "val.jsonl", out, checkpoint_dir=tmp_path / "ckpt")
-    scores = one("verifier", model=str(out))([RIGHT, WRONG], question=["q1", "q2"])
-    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+    # Trained on whole texts, as the reward reads them (it truncates at 256 tokens, not at the stage's max_length)
+    reward_model.run(verifier_params(params, length), train, val, out, checkpoint_dir=tmp_path / "ckpt")
+    verifier = one("verifier", model=str(out))
+    questions, right, wrong = held_out_pairs(val)  # questions the verifier never saw
+    good, bad = verifier(right, question=questions), verifier(wrong, question=questions)
+    assert len(good) == len(bad) == len(questions) and all(0.0 < s < 1.0 for s in good + bad)
+    assert sum(g > b for g, b in zip(good, bad)) >= 0.9 * len(questions), list(zip(good, bad))
+    assert sum(good) / len(good) > 0.5 > sum(bad) / len(bad)
+    chat = verifier([[{"role": "assistant", "content": right[0]}]], question=questions[:1])  # chat completions too
+    assert chat == pytest.approx(good[:1])
 
 
 def test_classifier_rewards_need_a_local_model():

@@ -38,28 +38,55 @@ def test_missing_model_folder_is_a_clear_error(params, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def sft_adapter(params, prepared, tiny_base, session_dir):
+def sft_run(params, prepared, tiny_base, session_dir):
+    """The SFT stage, keeping the trainer's in-memory model (the one that trained) for inspection."""
+    import trl
+
+    trainers = []
+
+    class RecordingSFTTrainer(trl.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
     p = with_section(params, "sft", training=params.sft.training | {"learning_rate": 1e-2, "max_steps": 3})
     before = file_hash(tiny_base / "model.safetensors")
-    sft.run(p, prepared / "train.jsonl", tiny_base, session_dir / "sft_adapter", checkpoint_dir=session_dir / "ckpt_sft")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trl, "SFTTrainer", RecordingSFTTrainer)  # tasks/sft.py imports it from trl when it runs
+        sft.run(p, prepared / "train.jsonl", tiny_base, session_dir / "sft_adapter", checkpoint_dir=session_dir / "ckpt_sft")
     assert file_hash(tiny_base / "model.safetensors") == before  # the base folder is never touched
-    return session_dir / "sft_adapter"
+    assert len(trainers) == 1
+    return session_dir / "sft_adapter", trainers[0].model
 
 
-def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_base, sft_adapter):
-    from peft import PeftModel
+@pytest.fixture(scope="session")
+def sft_adapter(sft_run):
+    return sft_run[0]
+
+
+def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_base, sft_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    sft_adapter, trained = sft_run
     adapter = load_file(sft_adapter / "adapter_model.safetensors")
+    # Only LoRA matrices are saved: `modules_to_save` or a trainable embedding would add full base-shaped weights.
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), [k for k in adapter if "lora_" not in k]
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
-    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
+    assert any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: nonzero means it trained
+    # The model the trainer trained: only LoRA parameters took gradients, and after training every base
+    # weight still equals the base file's (a trainable base would have moved at learning rate 1e-2).
+    trainable = [name for name, param in trained.named_parameters() if param.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable), [n for n in trainable if "lora_" not in n]
+    base_file = load_file(tiny_base / "model.safetensors")
+    compared = set()
+    for name, tensor in trained.get_base_model().state_dict().items():
+        key = name.replace("base_layer.", "")
+        if "lora_" not in name and key in base_file:
+            assert torch.equal(tensor.detach().cpu(), base_file[key]), f"base weight {key} changed in training"
+            compared.add(key)
+    assert compared == set(base_file)
     base_model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(sft_adapter))
-    base_state = base_model.state_dict()
-    for name, tensor in peft_model.get_base_model().state_dict().items():
-        if "lora_" not in name and name.replace("base_layer.", "") in base_state:
-            assert torch.equal(tensor, base_state[name.replace("base_layer.", "")]), name  # frozen base
     log = json.loads((sft_adapter / "train_log.json").read_text())
     assert any("loss" in e for e in log)
     # Prompt masking: TRL's completion mask covers the answer only.
@@ -77,10 +104,24 @@ def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_ba
 
 
 def test_dora_variant_trains(params, prepared, tiny_base, tmp_path):
-    p = with_section(params, "sft", lora=params.sft.lora | {"use_dora": True}, training=params.sft.training | {"max_steps": 1})
+    from safetensors.torch import load_file
+
+    p = with_section(params, "sft", lora=params.sft.lora | {"use_dora": True},
+                     training=params.sft.training | {"max_steps": 2, "learning_rate": 1e-2})
     sft.run(p, prepared / "train.jsonl", tiny_base, tmp_path / "dora", checkpoint_dir=tmp_path / "ckpt")
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+    adapter, base_file = load_file(tmp_path / "dora" / "adapter_model.safetensors"), load_file(tiny_base / "model.safetensors")
+    modules = sorted({k.split(".lora_A.")[0] for k in adapter if ".lora_A." in k})
+    magnitudes = {k.split(".lora_magnitude_vector")[0]: v for k, v in adapter.items() if "lora_magnitude_vector" in k}
+    assert modules and sorted(magnitudes) == modules  # DoRA: one magnitude vector per adapted module, saved
+    for module in modules:
+        assert adapter[f"{module}.lora_B.weight"].abs().sum() > 0, module  # B starts at zero
+        # m starts as the row norms of the frozen weight ||W||; training moved it, not far.
+        norm = torch.linalg.norm(base_file[module.removeprefix("base_model.model.") + ".weight"], dim=1)
+        assert magnitudes[module].shape == norm.shape, module
+        torch.testing.assert_close(magnitudes[module], norm, rtol=0.2, atol=0.05)
+        assert not torch.allclose(magnitudes[module], norm, rtol=0, atol=1e-5), f"{module}: magnitude did not train"
 
 
 @pytest.fixture(scope="session")
@@ -123,15 +164,32 @@ def test_unknown_rl_method_is_refused(params, prepared, tmp_path):
         rl.run(with_section(params, "rl", method="ppx"), prepared / "train.jsonl", tmp_path, tmp_path / "o")
 
 
-def test_reward_model_is_a_safetensors_verifier(params, prepared, tmp_path):
-    out = tmp_path / "rm"
-    reward_model.run(params, prepared / "train.jsonl", prepared / "val.jsonl", out, checkpoint_dir=tmp_path / "ckpt")
-    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
-    from transformers import AutoModelForSequenceClassification
+def test_reward_model_is_a_safetensors_verifier_that_beats_chance_on_held_out_answers(params, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(out)
-    assert model.config.num_labels == 1
-    assert 0.0 <= reward_model.metrics(out)["val_accuracy"] <= 1.0
+    from verifier_case import held_out_pairs, verifier_params, write_splits
+
+    train, val, length = write_splits(tmp_path / "data")
+    # max_length 40 is shorter than every text (57 tokens): the final `#### n` line survives only because
+    # the stage truncates from the left.
+    max_length = 40
+    assert length > max_length
+    out = tmp_path / "rm"
+    reward_model.run(verifier_params(params, max_length), train, val, out, checkpoint_dir=tmp_path / "ckpt")
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    model = AutoModelForSequenceClassification.from_pretrained(out, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and tokenizer.truncation_side == "left"
+    assert reward_model.metrics(out)["val_accuracy"] >= 0.8  # 64 held-out texts (32 questions x right/wrong); chance 0.5
+    questions, right, wrong = held_out_pairs(val)
+
+    def logits(answers):
+        batch = tokenizer([f"{q}\n{a}" for q, a in zip(questions, answers)], truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model(**batch).logits[:, 0]
+
+    assert (logits(right) > logits(wrong)).float().mean() >= 0.9  # the right answer outscores its corruption
 
 
 def test_corrupted_answers_change_the_final_number():
