@@ -13,8 +13,9 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import sys
+import tempfile
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,7 +381,7 @@ def _accepts(value: Any, annotation: Any) -> bool:
     import enum
 
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_accepts(value, arm) for arm in typing.get_args(annotation))
     if origin is typing.Literal:
         return value in typing.get_args(annotation)

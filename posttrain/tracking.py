@@ -88,8 +88,6 @@ def _active_run(**start_kwargs) -> Iterator:
 
 @contextlib.contextmanager
 def stage_run(stage_name: str, root: str | Path = ".") -> Iterator:
-    import mlflow
-
     setup(root)
     parent = os.environ.get(PARENT_ENV)
     with _active_run(run_name=stage_name, parent_run_id=parent or None, nested=bool(parent),
@@ -126,8 +124,6 @@ def end_orphaned_runs(root: str | Path = ".") -> list[str]:
 @contextlib.contextmanager
 def pipeline_run(root: str | Path = ".", run_name: str | None = None, tags: dict | None = None) -> Iterator:
     """The parent run; exports its id so stage subprocesses nest under it."""
-    import mlflow
-
     setup(root)
     for run_id in end_orphaned_runs(root):
         print(f"marked MLflow run {run_id} KILLED: the process that ran it is gone")
