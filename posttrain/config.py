@@ -96,8 +96,11 @@ class RLConfig:
     max_prompts: int = 64  # training questions used (as prompts, or as question -> answer pairs by draft/hybrid)
     lora: dict = field(default_factory=dict)  # peft.LoraConfig fields (use_dora: true for DoRA)
     training: dict = field(default_factory=dict)  # trl.GRPOConfig fields (grpo, reinforce, hybrid's RL steps)
-    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0})  # name -> weight or {weight, options}
-    reward_postprocess: dict = field(default_factory=dict)  # clip: [lo, hi], scale, normalize, ema_decay
+    # name -> weight or {weight, options}; or the seed's spec {type: weighted_sum, components, postprocess},
+    # inline or as a JSON file path (posttrain/rewards.py)
+    rewards: dict | str = field(default_factory=lambda: {"exact_match": 1.0})
+    # {clip: [lo, hi], scale, normalize, ema_decay, normalize_weights}, or an ordered chain [{type: clip, ...}, ...]
+    reward_postprocess: dict | list = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)  # trl.experimental.ppo.PPOConfig fields (method: ppo)
     draft: DraftConfig = field(default_factory=DraftConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
@@ -178,6 +181,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, dict)
     if annotation is bool:
         return isinstance(value, bool)
+    if isinstance(annotation, types.UnionType):
+        return any(_type_ok(value, arm) for arm in typing.get_args(annotation))
+    if annotation is list:
+        return isinstance(value, list)
     return True
 
 
@@ -197,7 +204,7 @@ def _build(cls: type, raw: Any, path: tuple[str, ...], where: "_Where") -> Any:
             continue
         if not _type_ok(value, annotation):
             raise ConfigError(
-                f"{where(key_path)}: '{'.'.join(key_path)}' must be {annotation.__name__}, "
+                f"{where(key_path)}: '{'.'.join(key_path)}' must be {getattr(annotation, '__name__', str(annotation))}, "
                 f"got {type(value).__name__} ({value!r})"
             )
         kwargs[key] = float(value) if annotation is float else value

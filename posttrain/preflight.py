@@ -9,6 +9,7 @@ registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -18,20 +19,22 @@ PROFILES_DIR = Path("profiles")
 
 
 def check_registries(params: Params, where: _Where) -> None:
+    """Reward names, weights, options and post-processing (either form of rl.rewards), without loading models."""
     from posttrain import rewards
 
-    for name, entry in params.rl.rewards.items():
-        if name not in rewards.FACTORIES:
-            raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
-                              f"known: {', '.join(sorted(rewards.FACTORIES))}")
-        weight = entry.get("weight", 1.0) if isinstance(entry, dict) else entry
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"{where(('rl', 'rewards', name))}: 'rl.rewards.{name}' needs a numeric weight, "
-                              f"got {weight!r}")
-    unknown = set(params.rl.reward_postprocess) - rewards.POSTPROCESS_OPTIONS
-    if unknown:
-        raise ConfigError(f"{where(('rl', 'reward_postprocess'))}: unknown 'rl.reward_postprocess' option(s) "
-                          f"{', '.join(sorted(unknown))}; known: {', '.join(sorted(rewards.POSTPROCESS_OPTIONS))}")
+    spec = params.rl.rewards
+    if isinstance(spec, dict) and not rewards.is_seed_spec(spec):
+        for name in spec:
+            if name not in rewards.FACTORIES:
+                raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
+                                  f"known: {', '.join(sorted(rewards.FACTORIES))}")
+    try:
+        rewards.validate(spec, params.rl.reward_postprocess or None)
+    except ValueError as err:
+        message = str(err)
+        key = re.sub(r"\[\d+\]", "", message.split(":", 1)[0])  # rl.rewards.components[0] -> its nearest line
+        path = tuple(key.split(".")) if key.startswith("rl.") else ("rl", "rewards")
+        raise ConfigError(f"{where(path)}: {message}") from None
 
 
 def validate_file(path: str | Path, label: str | Path | None = None) -> Params:
