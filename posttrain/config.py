@@ -83,11 +83,38 @@ class DraftConfig:
 
 @dataclass
 class HybridConfig:
-    """Alternating SFT and RL steps on one policy; the share of SFT steps moves linearly start -> end."""
+    """SFT and RL on one policy (posttrain/hybrid.py): `alternate` = one SFT step then one PPO step on the same
+    batch (the seed's); `curriculum` = SFT and REINFORCE steps, the SFT share moving linearly start -> end."""
 
-    sft_fraction_start: float = 0.5  # share of SFT steps at the first step (1.0 = only SFT)
+    mode: str = "alternate"  # alternate | curriculum
+    sft_fraction_start: float = 0.5  # curriculum: share of SFT steps at the first step (1.0 = only SFT)
     sft_fraction_end: float = 0.5  # ... and at the last step (lower than start = curriculum towards RL)
-    sft_batch_size: int = 4
+    sft_batch_size: int = 4  # questions per SFT micro-batch (alternate: also the PPO step's questions)
+    # alternate's PPO step (trl.experimental.ppo.PPOConfig's names and defaults)
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05  # per-token k1 KL penalty to the reference (adapter disabled) in the reward
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 1  # optimisation passes over each sampled batch
+
+
+@dataclass
+class ReinforceConfig:
+    """The REINFORCE estimator's choices (posttrain/reinforce.py); seed 002: k1, token_mean, [-20, 0]."""
+
+    kl_estimator: str = "k3"  # k3 (unbiased, >= 0) | k1 (log ratio, the seed's)
+    kl_reduction: str = "sequence_sum"  # sequence_sum | token_mean (the seed's)
+    logprob_clamp: list = field(default_factory=list)  # [] = none, or [low, high] (the seed's [-20, 0])
+
+
+@dataclass
+class NamedClassConfig:
+    """An optimizer or LR schedule by name with kwargs (posttrain/optim.py); empty name: rl.training's."""
+
+    name: str = ""
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +131,11 @@ class RLConfig:
     ppo: dict = field(default_factory=dict)  # trl.experimental.ppo.PPOConfig fields (method: ppo)
     draft: DraftConfig = field(default_factory=DraftConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)  # also hybrid curriculum's RL steps
+    # reinforce/hybrid: a TrainingArguments optim name, or a bitsandbytes.optim / torch.optim class by name
+    optimizer: NamedClassConfig = field(default_factory=NamedClassConfig)
+    # reinforce/hybrid: a TrainingArguments lr_scheduler_type, none, or a torch.optim.lr_scheduler class by name
+    lr_scheduler: NamedClassConfig = field(default_factory=NamedClassConfig)
 
 
 @dataclass
@@ -324,6 +356,18 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("rl", "hybrid", "sft_fraction_start"), _between(0, 1)),
     (("rl", "hybrid", "sft_fraction_end"), _between(0, 1)),
     (("rl", "hybrid", "sft_batch_size"), _between(1, None)),
+    (("rl", "hybrid", "mode"), _one_of("alternate", "curriculum")),
+    (("rl", "hybrid", "cliprange"), _between(0, None, low_open=True)),
+    (("rl", "hybrid", "cliprange_value"), _between(0, None, low_open=True)),
+    (("rl", "hybrid", "vf_coef"), _between(0, None)),
+    (("rl", "hybrid", "kl_coef"), _between(0, None)),
+    (("rl", "hybrid", "gamma"), _between(0, 1)),
+    (("rl", "hybrid", "lam"), _between(0, 1)),
+    (("rl", "hybrid", "ppo_epochs"), _between(1, None)),
+    (("rl", "reinforce", "kl_estimator"), _one_of("k1", "k3")),
+    (("rl", "reinforce", "kl_reduction"), _one_of("sequence_sum", "token_mean")),
+    (("rl", "reinforce", "logprob_clamp"), ((lambda v: v == [] or (len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and v[0] < v[1])), "[] or [low, high]")),
     (("eval", "n_questions"), _between(0, None)),
     (("eval", "batch_size"), _between(1, None)),
     (("eval", "streams"), _between(0, None)),

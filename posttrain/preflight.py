@@ -9,6 +9,7 @@ registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ def check_registries(params: Params, where: _Where) -> None:
         key = re.sub(r"\[\d+\]", "", message.split(":", 1)[0])  # rl.rewards.components[0] -> its nearest line
         path = tuple(key.split(".")) if key.startswith("rl.") else ("rl", "rewards")
         raise ConfigError(f"{where(path)}: {message}") from None
+    from posttrain import optim
+
+    for key in ("optimizer", "lr_scheduler"):
+        named = dataclasses.asdict(getattr(params.rl, key))
+        try:
+            optim.check_names(named if key == "optimizer" else {}, named if key == "lr_scheduler" else {})
+        except ValueError as err:
+            raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
 
 
 def validate_file(path: str | Path, label: str | Path | None = None) -> Params:

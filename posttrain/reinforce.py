@@ -2,17 +2,25 @@
 
 No library ships this exact estimator (TRL's GRPO uses per-prompt group baselines, RLOO leave-one-out),
 so the loop is here; everything around it is the libraries': the config is a trl.GRPOConfig (same field
-names as `rl.training` for grpo), the optimizer and schedule come from TrainingArguments' `optim` and
-`lr_scheduler_type` names, the policy is a PEFT model whose disabled adapter is the frozen reference.
+names as `rl.training` for grpo), the optimizer and schedule come by name (posttrain/optim.py), the policy
+is a PEFT model whose disabled adapter is the frozen reference.
 
-    loss = -mean_i( A_i * sum_t log pi(y_it | x_i, y_i<t) ) + beta * mean_i( sum_t KL_t )
+    loss = -mean_i( A_i * sum_t log pi(y_it | x_i, y_i<t) ) + beta * mean_i( KL_i )
     A_i  = (r_i - mean_batch(r)) / (std_batch(r) + eps)
-    KL_t = exp(ref - logp) - (ref - logp) - 1      (the k3 estimator: unbiased, always >= 0)
+    KL_i = sum_t KL_t (kl_reduction sequence_sum) | mean_t KL_t (token_mean)
+    KL_t = exp(ref - logp) - (ref - logp) - 1   (k3: unbiased, always >= 0) | logp - ref (k1, the seed's)
+
+rl.reinforce sets kl_estimator, kl_reduction and logprob_clamp ([low, high]: both log-probs clamped, the
+seed's [-20, 0]); sampling reads rl.training's temperature, top_p and top_k. One optimizer step covers
+gradient_accumulation_steps micro-batches of per_device_train_batch_size prompts: all of them are sampled
+and scored first, advantages are normalised over the whole step's batch, then each micro-batch's share of
+the loss is back-propagated, so k micro-batches give the update of one k-times batch.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,45 +37,103 @@ def advantages(rewards: torch.Tensor, group_size: int = 1, eps: float = 1e-6) ->
     return centred / (rewards.std() + eps)
 
 
+@dataclass
+class Settings:
+    """rl.reinforce: the estimator choices of seed 002 (defaults: this project's)."""
+
+    kl_estimator: str = "k3"  # k3 | k1
+    kl_reduction: str = "sequence_sum"  # sequence_sum | token_mean
+    logprob_clamp: tuple[float, float] | None = None  # e.g. (-20, 0)
+
+    @classmethod
+    def of(cls, cfg) -> "Settings":
+        if cfg is None:
+            return cls()
+        clamp = tuple(cfg.logprob_clamp) if getattr(cfg, "logprob_clamp", None) else None
+        return cls(cfg.kl_estimator, cfg.kl_reduction, clamp)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1.0
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """Log-probability of every completion token (batch, completion_length)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_length - 1:-1]
+def k1_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Per-row KL to the reference: k1 or k3 per token, summed or averaged over the row's tokens."""
+    per_token = (k1_kl if settings.kl_estimator == "k1" else k3_kl)(logp, ref_logp) * mask
+    if settings.kl_reduction == "token_mean":
+        return per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_token.sum(-1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them, so log-probs match the sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                        clamp: tuple[float, float] | None = None) -> torch.Tensor:
+    """Log-probability of every completion token (batch, completion_length), clamped to `clamp` if given."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, prompt_length - 1:-1]
     targets = input_ids[:, prompt_length:]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp.clamp(*clamp) if clamp else logp
 
 
 def reinforce_loss(logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor, rewards: torch.Tensor,
-                   beta: float, group_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
-    adv = advantages(rewards, group_size)
+                   beta: float, group_size: int = 1, settings: Settings | None = None,
+                   adv: torch.Tensor | None = None, denominator: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one (micro-)batch. `adv` (already normalised over the optimizer step's whole batch) and
+    `denominator` (that batch's row count) make micro-batch losses add up to the whole batch's."""
+    settings = settings or Settings()
+    adv = advantages(rewards, group_size) if adv is None else adv
+    denominator = denominator or len(logp)
     seq_logp = (logp * mask).sum(-1)
-    loss = -(adv.detach() * seq_logp).mean()
+    loss = -(adv.detach() * seq_logp).sum() / denominator
     kl = torch.zeros(())
     if ref_logp is not None:
-        kl = ((k3_kl(logp, ref_logp) * mask).sum(-1)).mean()
-        loss = loss + beta * kl
+        kl_rows = sequence_kl(logp, ref_logp, mask, settings)
+        kl = kl_rows.mean()
+        loss = loss + beta * kl_rows.sum() / denominator
     return loss, {"kl": float(kl.detach())}
 
 
-def optimizer_and_scheduler(model, args):
-    """The optimizer and LR schedule the HF Trainer would build from `optim` / `lr_scheduler_type` names."""
-    from transformers import Trainer, get_scheduler
+def optimizer_and_scheduler(model, args, optimizer: dict | None = None, lr_scheduler: dict | None = None):
+    """The optimizer and LR schedule by name (posttrain/optim.py): rl.optimizer / rl.lr_scheduler when they
+    name one, else TrainingArguments' `optim` / `lr_scheduler_type` with `lr_scheduler_kwargs`."""
+    from posttrain import optim
 
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer, lr_scheduler = optimizer or {}, lr_scheduler or {}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_cls(trainable, **optimizer_kwargs)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(args.max_steps),
-                              num_training_steps=args.max_steps)
-    return optimizer, scheduler, trainable
+    built = optim.build_optimizer(trainable, args, model, optimizer.get("name", ""), optimizer.get("kwargs"))
+    scheduler = optim.build_scheduler(built, args, lr_scheduler.get("name", ""), lr_scheduler.get("kwargs"))
+    return built, scheduler, trainable
 
 
-def rl_step_loss(model, tokenizer, batch: list[dict], reward_funcs, reward_weights: list[float], args,
-                 group_size: int = 1) -> tuple[torch.Tensor, dict]:
-    """Sample completions for `batch` (each prompt `group_size` times), score them, return (loss, log entry)."""
+@dataclass
+class Rollout:
+    """Sampled completions of one micro-batch, scored: what a loss needs besides the model."""
+
+    sequences: torch.Tensor
+    attention: torch.Tensor
+    mask: torch.Tensor  # 1 for completion tokens up to and including the first EOS
+    prompt_length: int
+    rewards: torch.Tensor
+    entry: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def logprobs(self, model, clamp=None) -> torch.Tensor:
+        return completion_logprobs(model, self.sequences, self.attention, self.prompt_length, clamp)
+
+
+def rollout(model, tokenizer, batch: list[dict], reward_funcs, reward_weights: list[float], args,
+            group_size: int = 1) -> Rollout:
+    """Sample completions for `batch` (each prompt `group_size` times) and score them."""
     from posttrain.rewards import weighted_total
 
     batch = [row for row in batch for _ in range(group_size)]
@@ -78,8 +144,9 @@ def rl_step_loss(model, tokenizer, batch: list[dict], reward_funcs, reward_weigh
     prompt_length = encoded.input_ids.shape[1]
     model.eval()
     with torch.no_grad():
-        sequences = model.generate(**encoded, do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0,
-                                   max_new_tokens=args.max_completion_length, pad_token_id=tokenizer.pad_token_id)
+        sequences = model.generate(**encoded, do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                                   top_k=args.top_k or 0, max_new_tokens=args.max_completion_length,
+                                   pad_token_id=tokenizer.pad_token_id)
     completion_ids = sequences[:, prompt_length:]
     # Tokens after the first EOS are padding: mask them out of log-probs and KL.
     is_eos = completion_ids == tokenizer.eos_token_id
@@ -89,45 +156,105 @@ def rl_step_loss(model, tokenizer, batch: list[dict], reward_funcs, reward_weigh
     columns = {k: [b[k] for b in batch] for k in batch[0] if k != "prompt"}
     per_reward = [fn(prompts=prompts, completions=texts, **columns) for fn in reward_funcs]
     rewards = torch.tensor(weighted_total(per_reward, reward_weights))
+    entry = {"completions/mean_length": float(mask.sum(-1).mean())}
+    for fn, values in zip(reward_funcs, per_reward):
+        entry[f"rewards/{fn.__name__}"] = sum(float(v or 0.0) for v in values) / len(values)
     attention = torch.cat([encoded.attention_mask, mask.long()], dim=1)
+    return Rollout(sequences, attention, mask, prompt_length, rewards, entry, batch)
+
+
+def merge_entries(entries: list[dict]) -> dict:
+    """Mean of each logged number over the micro-batches of one optimizer step."""
+    keys = {k for e in entries for k in e}
+    return {k: sum(e[k] for e in entries if k in e) / sum(1 for e in entries if k in e) for k in sorted(keys)}
+
+
+def train_step(model, rollouts: list[Rollout], optimizer, scheduler, trainable, args, group_size: int = 1,
+               settings: Settings | None = None) -> dict:
+    """One optimizer step over the micro-batches in `rollouts`: advantages over all of them, each micro-batch's
+    share of the loss back-propagated in turn, then clip, step and schedule (a plateau schedule on the reward)."""
+    from posttrain import optim
+
+    settings = settings or Settings()
+    rewards = torch.cat([r.rewards for r in rollouts])
+    adv = advantages(rewards, group_size)
+    total = len(rewards)
+    optimizer.zero_grad()
+    losses, kls, start = 0.0, [], 0
     model.train()
-    logp = completion_logprobs(model, sequences, attention, prompt_length)
+    for r in rollouts:
+        rows = len(r.rewards)
+        logp = r.logprobs(model, settings.logprob_clamp)
+        ref_logp = None
+        if args.beta > 0:
+            with torch.no_grad(), model.disable_adapter():
+                ref_logp = r.logprobs(model, settings.logprob_clamp)
+        loss, extra = reinforce_loss(logp, ref_logp, r.mask, r.rewards, args.beta, settings=settings,
+                                     adv=adv[start:start + rows], denominator=total)
+        loss.backward()
+        losses += float(loss.detach())
+        kls.append(extra["kl"] * rows)
+        start += rows
+    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+    optimizer.step()
+    mean_reward = float(rewards.mean())
+    optim.step_scheduler(scheduler, mean_reward)
+    return {"loss": losses, "reward": mean_reward, "reward_std": float(rewards.std()) if total > 1 else 0.0,
+            "kl": sum(kls) / total, **merge_entries([r.entry for r in rollouts])}
+
+
+def rl_step_loss(model, tokenizer, batch: list[dict], reward_funcs, reward_weights: list[float], args,
+                 group_size: int = 1, settings: Settings | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample completions for `batch` (each prompt `group_size` times), score them, return (loss, log entry)."""
+    settings = settings or Settings()
+    r = rollout(model, tokenizer, batch, reward_funcs, reward_weights, args, group_size)
+    model.train()
+    logp = r.logprobs(model, settings.logprob_clamp)
     ref_logp = None
     if args.beta > 0:
         with torch.no_grad(), model.disable_adapter():
-            ref_logp = completion_logprobs(model, sequences, attention, prompt_length)
-    loss, extra = reinforce_loss(logp, ref_logp, mask, rewards, args.beta, group_size)
-    entry = {"loss": float(loss.detach()), "reward": float(rewards.mean()),
-             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-             "completions/mean_length": float(mask.sum(-1).mean()), **extra}
-    for fn, values in zip(reward_funcs, per_reward):
-        entry[f"rewards/{fn.__name__}"] = sum(float(v or 0.0) for v in values) / len(values)
+            ref_logp = r.logprobs(model, settings.logprob_clamp)
+    loss, extra = reinforce_loss(logp, ref_logp, r.mask, r.rewards, args.beta, group_size, settings)
+    entry = {"loss": float(loss.detach()), "reward": float(r.rewards.mean()),
+             "reward_std": float(r.rewards.std()) if len(r.rewards) > 1 else 0.0, **r.entry, **extra}
     return loss, entry
 
 
-def apply_gradients(loss: torch.Tensor, optimizer, scheduler, trainable, max_grad_norm: float) -> None:
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], args, progress: bool = True,
+          cfg=None) -> list[dict]:
+    """Run `args.max_steps` REINFORCE steps on a PEFT `model`; return a Trainer-style log history.
 
-
-def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], args, progress: bool = True) -> list[dict]:
-    """Run `args.max_steps` REINFORCE steps on a PEFT `model`; return a Trainer-style log history."""
+    `cfg` is params.rl (its `reinforce` settings, `optimizer` and `lr_scheduler`); None: the defaults.
+    """
     from tqdm.auto import tqdm
+
+    from posttrain.optim import current_lr
 
     print("reinforce: no checkpoints; an interrupted run restarts from step 0")
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    optimizer, scheduler, trainable = optimizer_and_scheduler(model, args)
+    settings = Settings.of(getattr(cfg, "reinforce", None))
+    optimizer, scheduler, trainable = optimizer_and_scheduler(model, args, *_named_optim(cfg))
     rows = list(range(len(dataset)))
     history: list[dict] = []
     for step in tqdm(range(1, args.max_steps + 1), desc="reinforce", disable=not progress):
-        batch = [dataset[i] for i in rng.sample(rows, min(args.per_device_train_batch_size, len(rows)))]
-        loss, entry = rl_step_loss(model, tokenizer, batch, reward_funcs, reward_weights, args)
-        apply_gradients(loss, optimizer, scheduler, trainable, args.max_grad_norm)
+        rollouts = []
+        for _ in range(max(1, int(args.gradient_accumulation_steps))):
+            batch = [dataset[i] for i in rng.sample(rows, min(args.per_device_train_batch_size, len(rows)))]
+            rollouts.append(rollout(model, tokenizer, batch, reward_funcs, reward_weights, args))
+        entry = train_step(model, rollouts, optimizer, scheduler, trainable, args, settings=settings)
         if step % max(1, int(args.logging_steps)) == 0 or step == args.max_steps:
-            history.append({"step": step, **entry, "learning_rate": scheduler.get_last_lr()[0]})
+            history.append({"step": step, **entry, "learning_rate": current_lr(optimizer)})
     return history
+
+
+def _named_optim(cfg) -> tuple[dict, dict]:
+    """rl.optimizer and rl.lr_scheduler as dicts ({} when absent)."""
+    import dataclasses
+
+    out = []
+    for key in ("optimizer", "lr_scheduler"):
+        value = getattr(cfg, key, None) if cfg is not None else None
+        out.append(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value or {}))
+    return out[0], out[1]

@@ -69,7 +69,7 @@ def run_reinforce(params: Params, model_dir: Path, dataset, checkpoint_dir: Path
 
     model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
     policy = get_peft_model(model, lora)
-    history = reinforce.train(policy, tokenizer, dataset, reward_funcs, list(args.reward_weights), args)
+    history = reinforce.train(policy, tokenizer, dataset, reward_funcs, list(args.reward_weights), args, cfg=params.rl)
     return policy, tokenizer, history
 
 
@@ -91,7 +91,7 @@ def run_hybrid(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
     policy = get_peft_model(model, lora)
     pairs = list(sft_pairs(dataset, params.eval))
     history = hybrid.train(policy, tokenizer, list(dataset), pairs, reward_funcs, list(args.reward_weights), args,
-                           params.rl.hybrid)
+                           params.rl.hybrid, rl_cfg=params.rl)
     return policy, tokenizer, history
 
 
