@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def _quiet_env(args) -> None:
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    # peft imports bitsandbytes, which warns on every import that the optional `kernels` package (a hub
+    # download, left out on purpose) is missing; its CPU fallback is what runs. Silenced at its logger.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cmd_run(args) -> int:
@@ -86,10 +90,16 @@ def cmd_eval(args) -> int:
     from posttrain.config import load_params
     from posttrain.evaluation import evaluate, load_model
     from posttrain.io import read_jsonl, write_jsonl
+    from posttrain.tasks import registry
 
     params = load_params("params.yaml", overrides=args.set or [])
+    task = registry.get(params.data.task)
     model, tokenizer = load_model(args.model, params.eval.dtype)
-    metrics, records = evaluate(model, tokenizer, read_jsonl(args.questions), params.eval, progress=not args.quiet)
+    questions = read_jsonl(args.questions)
+    task.check_eval_records(questions)  # malformed items: one line naming file:line, before any generation
+    context = task.make_context(params, args.judge)
+    metrics, records = evaluate(model, tokenizer, questions, params.eval, progress=not args.quiet, task=task,
+                                context=context, params=params)
     if args.records:
         write_jsonl(args.records, records)
     print(json.dumps(metrics, indent=2))
@@ -210,9 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     dvc_yaml = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from posttrain/stages.py")
     dvc_yaml.set_defaults(func=cmd_dvc_yaml)
 
-    ev = sub.add_parser("eval", help="greedy GSM8K evaluation of a model folder under params.yaml's eval protocol")
+    ev = sub.add_parser("eval", help="greedy evaluation of a model folder on the task's items (data.task) under "
+                                     "params.yaml's eval protocol")
     ev.add_argument("model", help="a local Hugging Face model folder")
-    ev.add_argument("--questions", default="data/prepared/test.jsonl", help="JSONL with question/answer (default: %(default)s)")
+    ev.add_argument("--questions", default="data/prepared/test.jsonl",
+                    help="JSONL of the task's prepared items, e.g. question/answer for gsm8k (default: %(default)s)")
+    ev.add_argument("--judge", default="models/judge",
+                    help="the judge model folder, for tasks judged by a model (style) (default: %(default)s)")
     ev.add_argument("--records", help="write per-question records to this JSONL file")
     ev.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override an eval param for this call only")
     ev.set_defaults(func=cmd_eval)

@@ -31,12 +31,43 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- sections
 
 
+GSM8K_SYSTEM_PROMPT = "Solve the math problem step by step. End with a line '#### <number>'."
+STYLE_SYSTEM_PROMPT = ("You are a poet. Whatever the user writes, answer with a short rhyming poem of two to four "
+                       "lines that says the same thing.")
+
+
+@dataclass
+class GSM8KTaskConfig:
+    source: str = "data/gsm8k"  # folder with train.jsonl/test.jsonl (shipped in the repo), or a hub dataset id
+    system_prompt: str = GSM8K_SYSTEM_PROMPT  # what eval.system_prompt `task` stands for
+
+
+@dataclass
+class StyleTaskConfig:
+    """Poem-style rewrites: records {meaning, data: [{poem, normal}, ...]} (posttrain/tasks/style.py)."""
+
+    source: str = "data/style"  # a JSONL file, or a folder whose *.jsonl files are all read (data/style/README.md)
+    skip_invalid: bool = False  # count and skip records without a meaning or a usable pair instead of failing
+    system_prompt: str = STYLE_SYSTEM_PROMPT  # the persona the poem is written under (eval.system_prompt `task`)
+    judge_encoder: str = "minilm"  # the held-out style judge's encoder: minilm | tiny | local HF folder
+    content_encoder: str = "minilm"  # sentence embeddings for the content check: minilm | local HF folder
+    content_threshold: float = 0.5  # pass needs cosine(reply, reference poem) >= this
+    judge_threshold: float = 0.5  # ... and the judge's P(poem) >= this
+
+
 @dataclass
 class DataConfig:
-    source: str = "data/gsm8k"  # folder with train.jsonl/test.jsonl (shipped in the repo), or a hub dataset id
-    val_fraction: float = 0.05
+    task: str = "gsm8k"  # which task plug-in reads, splits, prompts and scores the data (posttrain/tasks/)
+    val_fraction: float = 0.05  # gsm8k: share of train held out for validation (style splits by its own rule)
     max_train: int = 0  # 0 = keep all training records
     max_test: int = 0  # 0 = keep all test records
+    gsm8k: GSM8KTaskConfig = field(default_factory=GSM8KTaskConfig)
+    style: StyleTaskConfig = field(default_factory=StyleTaskConfig)
+
+    @property
+    def source(self) -> str:
+        """The chosen task's data source."""
+        return getattr(self, self.task).source
 
 
 @dataclass
@@ -61,6 +92,22 @@ RL_METHODS = ("grpo", "reinforce", "ppo", "draft", "hybrid")
 REWARD_MODEL_KINDS = ("classifier", "pairwise")
 
 
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What params may say `task` for, per task. The task modules (posttrain/tasks/) read theirs from here,
+    so loading params needs no task code and every stage's DVC deps stay its own."""
+
+    metrics: tuple[str, ...]  # per-item booleans correct_<m>, reported as accuracy_<m>
+    primary_metric: str  # promote.metric `task`
+    rewards: dict  # rl.rewards when params leave it empty
+
+
+TASKS = {  # posttrain/tasks/registry.py holds the modules (a test checks they agree)
+    "gsm8k": TaskDefaults(("strict", "flexible"), "flexible", {"exact_match": 1.0, "format": 0.2}),
+    "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0}),
+}
+
+
 @dataclass
 class SFTConfig:
     max_examples: int = 256
@@ -74,8 +121,9 @@ class DraftConfig:
     """DRaFT: loss = LM loss - beta_t * reward(Gumbel-softmax soft tokens -> frozen encoder reward model)."""
 
     reward_model: str = "models/reward_model"  # frozen encoder classifier (reward_model.kind: classifier)
-    beta: float = 1.0  # reward weight once warmed up
-    warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps
+    variant: str = "project"  # project (sigmoid, the encoder's embedding block) | seed (raw class-1 logit, new LayerNorm)
+    beta: float = 1.0  # reward weight once warmed up (the seed: 0.1)
+    warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps (the seed: 50)
     tau: float = 1.0  # Gumbel-softmax temperature
     hard: bool = False  # straight-through one-hot samples instead of soft ones
     training: dict = field(default_factory=dict)  # trl.SFTConfig fields (the LM-loss side is an SFT step)
@@ -124,8 +172,8 @@ class RLConfig:
     lora: dict = field(default_factory=dict)  # peft.LoraConfig fields (use_dora: true for DoRA)
     training: dict = field(default_factory=dict)  # trl.GRPOConfig fields (grpo, reinforce, hybrid's RL steps)
     # name -> weight or {weight, options}; or the seed's spec {type: weighted_sum, components, postprocess},
-    # inline or as a JSON file path (posttrain/rewards.py)
-    rewards: dict | str = field(default_factory=lambda: {"exact_match": 1.0})
+    # inline or as a JSON file path (posttrain/rewards.py); empty: the task's defaults
+    rewards: dict | str = field(default_factory=dict)
     # {clip: [lo, hi], scale, normalize, ema_decay, normalize_weights}, or an ordered chain [{type: clip, ...}, ...]
     reward_postprocess: dict | list = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)  # trl.experimental.ppo.PPOConfig fields (method: ppo)
@@ -146,14 +194,14 @@ class EvalConfig:
     max_new_tokens: int = 256
     prompt_style: str = "chat"  # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:")
     shots: int = 0  # k-shot examples taken from the training split
-    system_prompt: str = "Solve the math problem step by step. End with a line '#### <number>'."
+    system_prompt: str = "task"  # `task`: the task's own (data.<task>.system_prompt); anything else is used as is
     dtype: str = "float32"
 
 
 @dataclass
 class PromoteConfig:
-    registered_model: str = "gsm8k-policy"
-    metric: str = "flexible"  # strict | flexible accuracy decides
+    registered_model: str = "{task}-policy"  # {task} is replaced by data.task
+    metric: str = "task"  # the per-item pass the gate pairs: `task` (its default) or one the task scores
     threshold: float = 0.0  # minimum absolute accuracy of the candidate
     min_effect: float = 0.0  # the lower CI bound of (candidate - baseline) must exceed this
     confidence: float = 0.95
@@ -308,6 +356,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     where = _Where(label, lines)
     params = _build(Params, raw, (), where)
     check_values(params, where)
+    resolve_task_defaults(params, where)
     if check_library_fields or build_library_configs:
         for section_path, allowed in _library_fields().items():
             section = params
@@ -340,7 +389,10 @@ def _one_of(*names: str):
 
 # (key path, (check, what it must be)): values that a type alone does not rule out.
 RULES: list[tuple[tuple[str, ...], tuple]] = [
+    (("data", "task"), _one_of(*TASKS)),
     (("data", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "style", "content_threshold"), _between(-1, 1)),
+    (("data", "style", "judge_threshold"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "max_train"), _between(0, None)),
     (("data", "max_test"), _between(0, None)),
     (("reward_model", "kind"), _one_of(*REWARD_MODEL_KINDS)),
@@ -351,6 +403,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("rl", "method"), _one_of(*RL_METHODS)),
     (("rl", "max_prompts"), _between(0, None)),
     (("rl", "draft", "beta"), _between(0, None)),
+    (("rl", "draft", "variant"), _one_of("project", "seed")),
     (("rl", "draft", "warmup_steps"), _between(0, None)),
     (("rl", "draft", "tau"), _between(0, None, low_open=True)),
     (("rl", "hybrid", "sft_fraction_start"), _between(0, 1)),
@@ -375,7 +428,6 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("eval", "shots"), _between(0, None)),
     (("eval", "prompt_style"), _one_of("chat", "plain")),
     (("eval", "dtype"), _one_of("float32", "bfloat16", "float16")),
-    (("promote", "metric"), _one_of("strict", "flexible")),
     (("promote", "threshold"), _between(0, 1)),
     # A negative minimum effect would promote a candidate that is worse than its baseline.
     (("promote", "min_effect"), _between(0, None)),
@@ -425,6 +477,24 @@ def check_values(params: Params, where: "_Where") -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
                 key_path = section_path + (key,)
                 raise ConfigError(f"{where(key_path)}: '{'.'.join(key_path)}' must be {must_be}, got {value!r}")
+
+
+def resolve_task_defaults(params: Params, where: "_Where") -> None:
+    """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
+    `task` its default per-item pass, empty rl.rewards its default rewards, `{task}` in the registered
+    model's name the task's name. Resolved here, once, so every stage, the protocol hash and MLflow see
+    the values that were used."""
+    task = TASKS[params.data.task]
+    if params.eval.system_prompt == "task":
+        params.eval.system_prompt = getattr(params.data, params.data.task).system_prompt
+    if params.promote.metric == "task":
+        params.promote.metric = task.primary_metric
+    if params.promote.metric not in task.metrics:
+        raise ConfigError(f"{where(('promote', 'metric'))}: 'promote.metric' must be task or one of "
+                          f"{', '.join(task.metrics)} (data.task {params.data.task}), got {params.promote.metric!r}")
+    if not params.rl.rewards:
+        params.rl.rewards = dict(task.rewards)
+    params.promote.registered_model = params.promote.registered_model.replace("{task}", params.data.task)
 
 
 def _accepts(value: Any, annotation: Any) -> bool:

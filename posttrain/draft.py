@@ -1,5 +1,19 @@
 """DRaFT: differentiable reward fine-tuning through a frozen encoder reward model.
 
+Two variants (`rl.draft.variant`), which differ only in how soft tokens enter the encoder and what the
+reward is:
+  project: soft tokens x policy embeddings -> learned Linear -> the encoder's own embedding block
+           (position embeddings + its pretrained LayerNorm, via inputs_embeds) -> layers -> mean pool
+           -> head -> sigmoid (a probability in [0, 1]).
+  seed:    the DRaFT trainer this project grew out of: soft tokens x policy embeddings -> learned Linear
+           -> + the encoder's position embeddings -> a NEW trainable LayerNorm -> the encoder layers
+           (the embedding block is bypassed) -> mean pool -> head -> the raw class-1 logit (unbounded;
+           the seed ramps beta to 0.1 over 50 steps). Rows with fewer than 2 response tokens are skipped.
+Why they differ: the project variant keeps the encoder's input exactly as it was trained (its LayerNorm
+statistics), and a bounded reward cannot be pushed up without limit; the seed lets a fresh LayerNorm
+adapt the projected soft tokens to the encoder, and the raw logit keeps a gradient where a sigmoid
+saturates. Both train the new parts with the adapter, checkpoint them and save them beside the model.
+
     total loss = LM loss - beta_t * mean(reward),   beta_t = beta * min(1, step / warmup_steps)
 
 One teacher-forced forward pass on (question -> worked answer) gives both terms. The LM loss is TRL's
@@ -58,8 +72,15 @@ def response_soft_tokens(logits: torch.Tensor, labels: torch.Tensor, tau: float,
     return soft, mask
 
 
+def class_one_probability(logits: torch.Tensor) -> torch.Tensor:
+    """A one-logit verifier's sigmoid, or a two-class classifier's P(class 1)."""
+    return torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, 1]
+
+
 class SoftTokenReward(nn.Module):
-    """Frozen encoder classifier scoring soft tokens; only `projection` is trainable."""
+    """Frozen encoder classifier scoring soft tokens; only `projection` is trainable (variant `project`)."""
+
+    min_tokens = 1
 
     def __init__(self, reward_model: nn.Module, policy_hidden: int):
         super().__init__()
@@ -72,17 +93,56 @@ class SoftTokenReward(nn.Module):
         object.__setattr__(self, "reward_model", reward_model.eval().requires_grad_(False))
         self.max_positions = int(reward_model.config.max_position_embeddings)
 
-    def forward(self, soft_tokens: torch.Tensor, embedding_matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rm = self.reward_model
-        encoder = rm.base_model
-        projected = self.projection(soft_tokens @ embedding_matrix.to(soft_tokens.dtype))
-        hidden = encoder(inputs_embeds=projected, attention_mask=mask).last_hidden_state
+    @property
+    def trainable(self) -> nn.Module:
+        """What trains with the adapter and is saved beside the model."""
+        return self.projection
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean pool over the real tokens, then the classifier head (BERT: pooler dense + tanh, classifier)."""
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        pooler = getattr(encoder, "pooler", None)
+        pooler = getattr(self.reward_model.base_model, "pooler", None)
         if pooler is not None:
             pooled = pooler.activation(pooler.dense(pooled))
-        return torch.sigmoid(rm.classifier(pooled)[:, 0])
+        return self.reward_model.classifier(pooled)
+
+    def forward(self, soft_tokens: torch.Tensor, embedding_matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(soft_tokens @ embedding_matrix.to(soft_tokens.dtype))
+        hidden = self.reward_model.base_model(inputs_embeds=projected, attention_mask=mask).last_hidden_state
+        return class_one_probability(self.head(hidden, mask))
+
+
+class SeedSoftTokenReward(SoftTokenReward):
+    """The seed's reward path (variant `seed`): + position embeddings -> a new trainable LayerNorm -> the
+    encoder layers, bypassing the embedding block; the reward is the raw class-1 logit. Rows with fewer
+    than 2 response tokens get no reward (their mask is dropped and they are left out of the mean)."""
+
+    min_tokens = 2
+
+    def __init__(self, reward_model: nn.Module, policy_hidden: int):
+        super().__init__(reward_model, policy_hidden)
+        config = reward_model.config
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=getattr(config, "layer_norm_eps", 1e-12))
+        self.parts = nn.ModuleDict({"projection": self.projection, "layer_norm": self.layer_norm})
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.parts
+
+    def forward(self, soft_tokens: torch.Tensor, embedding_matrix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        encoder = self.reward_model.base_model
+        projected = self.projection(soft_tokens @ embedding_matrix.to(soft_tokens.dtype))
+        positions = torch.arange(projected.shape[1], device=projected.device)
+        hidden = self.layer_norm(projected + encoder.embeddings.position_embeddings(positions)[None])
+        attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask)
+        hidden = encoder.encoder(hidden, attention_mask=attention).last_hidden_state
+        return self.head(hidden, mask)[:, -1]  # class 1's logit (a one-logit verifier: its logit)
+
+
+VARIANTS = {"project": SoftTokenReward, "seed": SeedSoftTokenReward}
 
 
 def load_reward_model(path: str | Path):
@@ -103,9 +163,9 @@ def make_trainer_class():
         def __init__(self, *args, reward: SoftTokenReward, beta: float, warmup_steps: int, tau: float, hard: bool,
                      **kwargs):
             super().__init__(*args, **kwargs)
-            reward.projection.to(self.args.device)  # the Trainer already placed the policy; on a GPU these follow it
+            reward.trainable.to(self.args.device)  # the Trainer already placed the policy; on a GPU these follow it
             reward.reward_model.to(self.args.device)
-            self.model.add_module("draft_projection", reward.projection)  # trained and checkpointed with the adapters
+            self.model.add_module("draft_projection", reward.trainable)  # trained and checkpointed with the adapters
             self.reward, self.beta, self.warmup_steps, self.tau, self.hard = reward, beta, warmup_steps, tau, hard
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -114,7 +174,11 @@ def make_trainer_class():
                                                     num_items_in_batch=num_items_in_batch)
             soft, mask = response_soft_tokens(outputs.logits, labels, self.tau, self.hard, self.reward.max_positions)
             embeddings = self.model.get_input_embeddings().weight
-            reward = self.reward(soft, embeddings, mask).mean()
+            scored = mask.sum(-1) >= self.reward.min_tokens  # the seed skips rows with fewer than 2 tokens
+            if bool(scored.any()):
+                reward = self.reward(soft[scored], embeddings, mask[scored]).mean()
+            else:  # nothing to score in this batch: the LM loss alone
+                reward = soft.sum() * 0.0
             beta = beta_at(self.state.global_step, self.beta, self.warmup_steps)
             # The LM loss arrives already divided for gradient accumulation when the model took num_items_in_batch;
             # the reward term must be divided the same way or it would weigh `accumulation` times more.
@@ -140,13 +204,13 @@ def make_trainer_class():
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             saved = Path(resume_from_checkpoint) / PROJECTION_FILE
             if saved.exists():
-                self.reward.projection.load_state_dict(load_file(str(saved)))
+                self.reward.trainable.load_state_dict(load_file(str(saved)))
 
     return DraftTrainer
 
 
 def projection_state(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in trainer.reward.projection.state_dict().items()}
+    return {k: v.detach().contiguous() for k, v in trainer.reward.trainable.state_dict().items()}
 
 
 def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
@@ -165,7 +229,7 @@ def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     set_seed(params.seed)  # before any weights are built: LoRA A and the projection start the same every run
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    reward = SoftTokenReward(load_reward_model(cfg.reward_model), policy.get_input_embeddings().weight.shape[1])
+    reward = VARIANTS[cfg.variant](load_reward_model(cfg.reward_model), policy.get_input_embeddings().weight.shape[1])
     dataset = sft_pairs(dataset, params.eval)
     args = SFTConfig(**trainer_kwargs(cfg.training, checkpoint_dir, params.seed) | {"loss_type": "nll"})
     trainer = make_trainer_class()(

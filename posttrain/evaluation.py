@@ -1,4 +1,4 @@
-"""Fast, exact GSM8K evaluation: batched greedy generation and scoring.
+"""Fast, exact evaluation: batched greedy generation, scored per item by the task (posttrain/tasks/).
 
 Generation is greedy continuous batching on a preallocated KV cache (posttrain/decoding.py): rows
 leave the batch as soon as they are done (EOS, or their `#### n` line is written, after which the
@@ -22,39 +22,10 @@ from pathlib import Path
 import torch
 
 from posttrain.config import EvalConfig
-from posttrain.gsm8k import extract_strict, gold_answer, has_final_answer_line, score
-from posttrain.io import DataError, require_safetensors, where
+from posttrain.gsm8k import has_final_answer_line
+from posttrain.io import require_safetensors
 from posttrain.prompts import digest, prompt_text, protocol
-
-
-def newline_token_mask(tokenizer) -> torch.Tensor:
-    """Bool over the vocabulary: does this token's text contain a newline? Built once per tokenizer."""
-    cached = getattr(tokenizer, "_posttrain_newline_mask", None)
-    if cached is None:
-        pieces = tokenizer.batch_decode([[token_id] for token_id in range(len(tokenizer))])
-        cached = torch.tensor(["\n" in piece for piece in pieces], dtype=torch.bool)
-        tokenizer._posttrain_newline_mask = cached
-    return cached
-
-
-class AnswerLineStop:
-    """Stop rule: a row is done once its text holds the `#### n` line (its answer cannot change after).
-
-    The newline test is a vocabulary lookup on each row's newest token, so only rows that just ended
-    a line are decoded.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.newline_tokens = newline_token_mask(tokenizer)
-
-    def __call__(self, newest: torch.LongTensor, generated_so_far) -> torch.BoolTensor:
-        """`newest`: each row's latest token; `generated_so_far(row)`: that row's new tokens."""
-        done = torch.zeros(newest.shape[0], dtype=torch.bool, device=newest.device)
-        newline = self.newline_tokens[newest.cpu().clamp(max=len(self.newline_tokens) - 1)]
-        for row in torch.nonzero(newline).flatten().tolist():
-            done[row] = has_final_answer_line(self.tokenizer.decode(generated_so_far(row), skip_special_tokens=True))
-        return done
+from posttrain.tasks.gsm8k import AnswerLineStop  # the default stop rule (GSM8K's)
 
 
 @dataclass
@@ -89,7 +60,8 @@ def auto_streams(model, batch_size: int) -> int:
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             early_stop: bool = True, streams: int = 0, progress: bool = True) -> GenerationResult:
+             early_stop: bool = True, streams: int = 0, progress: bool = True,
+             stop_rule_for=AnswerLineStop) -> GenerationResult:
     """The evaluator's greedy generations for `prompts`, returned in the input order.
 
     Continuous batching (posttrain/decoding.py): rows leave the batch at EOS or, with `early_stop`,
@@ -109,11 +81,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     with tqdm(total=len(prompts), desc="generating", unit="question", disable=not progress) as bar:
         tokens, lengths = decoding.parallel_greedy_generate(
             model, tokenizer, prompts, max_new_tokens, batch_size, eos_token_ids(model, tokenizer),
-            stop_rule_for=lambda stream_tokenizer: AnswerLineStop(stream_tokenizer) if early_stop else None,
+            stop_rule_for=lambda stream_tokenizer: stop_rule_for(stream_tokenizer) if early_stop else None,
             streams=streams or auto_streams(model, batch_size), on_done=bar.update,
         )
     texts = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(tokens.tolist(), lengths)]
-    stopped = [length < max_new_tokens or has_final_answer_line(text + "\n") for text, length in zip(texts, lengths)]
+    # A row that used every token still counts as stopped when the stop rule would have ended it there.
+    answer_line_rule = isinstance(stop_rule_for(tokenizer), AnswerLineStop)
+    stopped = [length < max_new_tokens or (answer_line_rule and has_final_answer_line(text + "\n"))
+               for text, length in zip(texts, lengths)]
     return GenerationResult(texts, lengths, stopped, time.perf_counter() - start, _peak_rss_mb())
 
 
@@ -169,62 +144,45 @@ def question_set(records: list[dict], n: int) -> list[dict]:
     return records[:n] if n else records
 
 
-QUESTION_FIELDS = {"question": str, "answer": str}
-
-
-def check_questions(records: list[dict]) -> None:
-    """Refuse (DataError naming file:line, as read_jsonl keeps it) a record without a `question` string or
-    an `answer` string that ends in `#### <number>`."""
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{where(records, index)}: expected a JSON object, got {type(record).__name__}")
-        for key, kind in QUESTION_FIELDS.items():
-            if key not in record:
-                raise DataError(f"{where(records, index)}: missing field '{key}'")
-            if not isinstance(record[key], kind):
-                raise DataError(f"{where(records, index)}: field '{key}' must be {kind.__name__}, "
-                                f"got {type(record[key]).__name__}")
-        if extract_strict(record["answer"]) is None:
-            raise DataError(f"{where(records, index)}: field 'answer' has no final '#### <number>' line "
-                            f"(ends {record['answer'][-40:]!r})")
-
-
 def evaluate(model, tokenizer, records: list[dict], cfg: EvalConfig, shots: list[dict] | None = None,
-             progress: bool = True) -> tuple[dict, list[dict]]:
-    """Accuracy and speed metrics plus one record per question."""
-    questions = question_set(records, cfg.n_questions)
-    check_questions(questions)  # before any generation: bad input fails in one line, at once
-    check_questions(shots or [])
-    prompts = [prompt_text(r["question"], cfg, tokenizer, shots) for r in questions]
+             progress: bool = True, task=None, context=None, params=None) -> tuple[dict, list[dict]]:
+    """Per-item pass/fail (the task's METRICS), speed metrics, and one record per item.
+
+    `task` is a posttrain/tasks module (default GSM8K); `context` what its score() needs loaded (the
+    style judge), from task.make_context."""
+    from posttrain.tasks import gsm8k
+
+    task = task or gsm8k
+    items = question_set(records, cfg.n_questions)
+    task.check_eval_records(items)  # before any generation: bad input fails in one line, at once
+    task.check_eval_records(shots or [])
+    shot_pairs = [task.prompt_and_reference(shot) for shot in shots or []]
+    users = [task.prompt_and_reference(r)[0] for r in items]
+    prompts = [prompt_text(user, cfg, tokenizer, shot_pairs) for user in users]
     result = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, streams=cfg.streams,
-                      progress=progress)
-    per_question = []
-    for record, text, n_tok, stopped in zip(questions, result.texts, result.n_tokens, result.stopped_early):
-        gold = gold_answer(record["answer"])
-        s = score(text, gold)
-        per_question.append({
-            "question": record["question"], "generation": text, "gold": gold,
-            "prediction_strict": s.strict_prediction, "prediction_flexible": s.flexible_prediction,
-            "correct_strict": s.strict_correct, "correct_flexible": s.flexible_correct,
-            "n_tokens": n_tok, "stopped_early": stopped,
-        })
-    return summarize(per_question, result.seconds, cfg, [r["question"] for r in questions]), per_question
+                      progress=progress, stop_rule_for=task.stop_rule)
+    per_item = task.score(items, result.texts, context, params)
+    for record, n_tok, stopped in zip(per_item, result.n_tokens, result.stopped_early):
+        record |= {"n_tokens": n_tok, "stopped_early": stopped}
+    task_protocol = task.protocol(params) if params is not None else {}
+    metrics = summarize(per_item, result.seconds, cfg, users, task.METRICS, task_protocol) | task.summary(per_item)
+    return metrics, per_item
 
 
-def summarize(per_question: list[dict], seconds: float, cfg: EvalConfig, questions: list[str]) -> dict:
+def summarize(per_question: list[dict], seconds: float, cfg: EvalConfig, questions: list[str],
+              metrics: tuple[str, ...] = ("strict", "flexible"), task_protocol: dict | None = None) -> dict:
     n = len(per_question)
     lengths = [r["n_tokens"] for r in per_question]
     return {
         "n_questions": n,
-        "accuracy_strict": sum(r["correct_strict"] for r in per_question) / n,
-        "accuracy_flexible": sum(r["correct_flexible"] for r in per_question) / n,
+        **{f"accuracy_{m}": sum(r[f"correct_{m}"] for r in per_question) / n for m in metrics},
         "early_stop_rate": sum(r["stopped_early"] for r in per_question) / n,
         "gen_length_mean": statistics.fmean(lengths),
         "gen_length_median": float(statistics.median(lengths)),
         "questions_per_s": n / seconds if seconds else 0.0,
         "tokens_per_s": sum(lengths) / seconds if seconds else 0.0,
         "seconds": seconds,
-        "protocol": protocol(cfg),
-        "protocol_hash": digest(protocol(cfg)),
+        "protocol": protocol(cfg, task_protocol),
+        "protocol_hash": digest(protocol(cfg, task_protocol)),
         "question_set_hash": digest(questions),
     }

@@ -296,6 +296,12 @@ def _classifier_reward(name: str, model: str | None, label: str | None, question
     return _named(reward, name)
 
 
+@register("style")
+def style_factory(model: str = "models/reward_model"):
+    """The style task's reward model (a 2-class classifier from the reward_model stage): P(poem | reply)."""
+    return _classifier_reward("style", model, "poem", question_too=False)
+
+
 @register("verifier")
 def verifier_factory(model: str = "models/reward_model"):
     """The learned outcome verifier from the reward_model stage: P(answer is correct | question, answer)."""

@@ -40,34 +40,44 @@ class Stage:
     data_parallel: bool = False  # every rank trains under a launcher (posttrain/distributed.py); else rank 0 only
 
 
+# What every stage that builds prompts or reads the task's records depends on, beside its own section.
+TASK_PARAMS = ("data.task", "data.gsm8k", "data.style", "eval.prompt_style", "eval.system_prompt")
+
+
 def _eval_stage(model: str) -> Stage:
     return Stage(
         name=f"eval_{model}", module="evaluate",
-        inputs={"model_dir": f"{MODELS}/{model}", "test_path": f"{PREPARED}/test.jsonl", "train_path": f"{PREPARED}/train.jsonl"},
+        inputs={"model_dir": f"{MODELS}/{model}", "test_path": f"{PREPARED}/test.jsonl",
+                "train_path": f"{PREPARED}/train.jsonl", "judge_dir": f"{MODELS}/judge"},
         outputs={"out_dir": f"{REPORTS}/eval/{model}"},
-        params=("eval",), metrics=f"{REPORTS}/eval_{model}.json",
+        params=("eval", "data.task", "data.gsm8k", "data.style"), metrics=f"{REPORTS}/eval_{model}.json",
     )
 
 
 STAGES: list[Stage] = [
     Stage("prepare", "prepare", outputs={"out_dir": PREPARED}, params=("seed", "data"),
-          extra_deps=("${data.source}",), metrics=f"{REPORTS}/prepare.json", retries=2),
+          # every task's source: whichever data.task picks (DVC cannot choose one by a param)
+          extra_deps=("${data.gsm8k.source}", "${data.style.source}"), metrics=f"{REPORTS}/prepare.json", retries=2),
     Stage("base", "base", outputs={"out_dir": f"{MODELS}/base"}, params=("seed", "base"),
           metrics=f"{REPORTS}/base.json", retries=2),
     Stage("reward_model", "reward_model",
           # base_dir: kind=pairwise starts from the base LM (and shares its tokenizer with the policy)
           inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl",
                   "base_dir": f"{MODELS}/base"},
-          outputs={"out_dir": f"{MODELS}/reward_model"}, params=("seed", "reward_model", "eval.prompt_style",
-                                                                 "eval.system_prompt"),
+          # rl.method and rl.rewards decide whether it is needed at all (else it is skipped, saying why)
+          outputs={"out_dir": f"{MODELS}/reward_model"},
+          params=("seed", "reward_model", "rl.method", "rl.rewards", *TASK_PARAMS),
           metrics=f"{REPORTS}/reward_model.json"),
+    Stage("judge", "judge", inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl"},
+          outputs={"out_dir": f"{MODELS}/judge"}, params=("seed", "reward_model", "data.task", "data.style"),
+          metrics=f"{REPORTS}/judge.json"),
     Stage("sft", "sft", inputs={"train_path": f"{PREPARED}/train.jsonl", "base_dir": f"{MODELS}/base"},
-          outputs={"out_dir": f"{MODELS}/sft_adapter"}, params=("seed", "sft", "eval.prompt_style", "eval.system_prompt"),
+          outputs={"out_dir": f"{MODELS}/sft_adapter"}, params=("seed", "sft", *TASK_PARAMS),
           metrics=f"{REPORTS}/sft.json", data_parallel=True),
     Stage("merge", "merge", inputs={"base_dir": f"{MODELS}/base", "adapter_dir": f"{MODELS}/sft_adapter"},
           outputs={"out_dir": f"{MODELS}/sft"}),
     Stage("rl", "rl", inputs={"train_path": f"{PREPARED}/train.jsonl", "model_dir": f"{MODELS}/sft"},
-          outputs={"out_dir": f"{MODELS}/rl"}, params=("seed", "rl", "eval.prompt_style", "eval.system_prompt"),
+          outputs={"out_dir": f"{MODELS}/rl"}, params=("seed", "rl", *TASK_PARAMS),
           extra_deps=(f"{MODELS}/reward_model",),
           metrics=f"{REPORTS}/rl.json", data_parallel=True),
     _eval_stage("base"),
@@ -76,7 +86,7 @@ STAGES: list[Stage] = [
     Stage("promote", "promote",
           inputs={"candidate_dir": f"{MODELS}/rl", "candidate_eval": f"{REPORTS}/eval/rl",
                   "base_eval": f"{REPORTS}/eval/base", "sft_eval": f"{REPORTS}/eval/sft"},
-          params=("promote",), metrics=f"{REPORTS}/promotion.json", retries=2),
+          params=("promote", "data.task"), metrics=f"{REPORTS}/promotion.json", retries=2),
     Stage("report", "report",
           inputs={"sft_log": f"{MODELS}/sft_adapter/train_log.json", "rl_log": f"{MODELS}/rl/train_log.json",
                   "rm_log": f"{MODELS}/reward_model/train_log.json", "eval_base": f"{REPORTS}/eval_base.json",
@@ -180,8 +190,8 @@ def dvc_plots() -> list:
         {f"{PLOTS}/sft_loss.json": {"x": "step", "y": "loss", "title": "SFT loss"}},
         {f"{PLOTS}/rl_reward.json": {"x": "step", "y": "reward", "title": "RL reward"}},
         {f"{PLOTS}/rl_kl.json": {"x": "step", "y": "kl", "title": "RL KL to reference"}},
-        {f"{PLOTS}/accuracy.json": {"x": "model", "y": ["accuracy_strict", "accuracy_flexible"],
-                                    "template": "bar_horizontal", "title": "GSM8K accuracy"}},
+        {f"{PLOTS}/accuracy.json": {"x": "model", "y": "pass_rate", "template": "bar_horizontal",
+                                    "title": "pass rate (promote.metric)"}},
         f"{PLOTS}/training.png",
         f"{PLOTS}/accuracy.png",
     ]

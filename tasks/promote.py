@@ -24,7 +24,7 @@ from posttrain.tracking import PARENT_ENV, RegistryError
 CHAMPION = "champion"
 CACHE_DIR = Path(".cache/champion_evals")
 EVAL_FILES = ("metrics.json", "records.jsonl")
-METRIC_KEYS = ("accuracy_strict", "accuracy_flexible", "n_questions", "protocol_hash", "question_set_hash")
+METRIC_KEYS = ("n_questions", "protocol_hash", "question_set_hash")  # and accuracy_<promote.metric>
 
 
 def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
@@ -37,7 +37,7 @@ def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
         metrics = read_json(path)
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: corrupt eval report ({str(err).splitlines()[0]})") from None
-    missing = [key for key in METRIC_KEYS if not isinstance(metrics, dict) or key not in metrics]
+    missing = [key for key in (*METRIC_KEYS, f"accuracy_{metric}") if not isinstance(metrics, dict) or key not in metrics]
     if missing:
         raise DataError(f"{path}: corrupt eval report (missing {', '.join(missing)})")
     records = read_jsonl(folder / "records.jsonl", required={"question": str, f"correct_{metric}": bool})
@@ -62,22 +62,26 @@ def champion_results(client, name: str, version, cache_dir: Path) -> tuple[dict,
     return read_json(cached / "metrics.json"), read_jsonl(cached / "records.jsonl")
 
 
+def _accuracies(metrics: dict) -> dict[str, float]:
+    return {key.removeprefix("accuracy_"): value for key, value in metrics.items() if key.startswith("accuracy_")}
+
+
 def model_card(params: Params, candidate_metrics: dict, decision: dict, data_hash: str) -> str:
     cfg = to_dict(params)
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in _accuracies(candidate_metrics).items())
     return "\n".join([
         f"# {params.promote.registered_model}",
         "",
         f"- base model: `{params.base.source}`",
-        f"- data: GSM8K from `{params.data.source}`, prepared train split sha256 `{data_hash}`",
+        f"- data: task {params.data.task} from `{params.data.source}`, prepared train split sha256 `{data_hash}`",
         f"- method: SFT ({'DoRA' if params.sft.lora.get('use_dora') else 'LoRA'}) -> merge -> {params.rl.method}",
-        f"- accuracy: strict {candidate_metrics['accuracy_strict']:.3f}, flexible {candidate_metrics['accuracy_flexible']:.3f} "
-        f"on {candidate_metrics['n_questions']} GSM8K test questions",
+        f"- pass rates: {scores} on {candidate_metrics['n_questions']} held-out {params.data.task} items",
         f"- protocol `{candidate_metrics['protocol_hash']}`: `{json.dumps(candidate_metrics['protocol'])}`",
         f"- gate: {'promoted' if decision['promote'] else 'rejected'}: {decision['reason']}",
         "",
         "## Params",
         "```json",
-        json.dumps({k: cfg[k] for k in ("seed", "sft", "rl", "eval", "promote")}, indent=2),
+        json.dumps({k: cfg[k] for k in ("seed", "data", "sft", "rl", "eval", "promote")}, indent=2),
         "```",
     ])
 
@@ -201,8 +205,7 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
         tags = {
             "protocol_hash": cand_metrics["protocol_hash"],
             "question_set_hash": cand_metrics["question_set_hash"],
-            "accuracy_strict": cand_metrics["accuracy_strict"],
-            "accuracy_flexible": cand_metrics["accuracy_flexible"],
+            **{f"accuracy_{name}": value for name, value in _accuracies(cand_metrics).items()},
             "gate.decision": "promoted" if decision["promote"] else "rejected",
             "gate.reason": decision["reason"],
             "gate.baseline": baseline_name,

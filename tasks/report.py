@@ -3,7 +3,7 @@
     posttrain stage report           # or: dvc repro report ; dvc plots diff to compare experiments
 
 training.png   SFT loss, RL reward and KL, reward-model loss against the step
-accuracy.png   strict / flexible GSM8K accuracy per model, with the gate decision in the title
+accuracy.png   the task's pass rates per model (GSM8K: strict / flexible), with the gate decision in the title
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def run(params: Params, sft_log: Path, rl_log: Path, rm_log: Path, eval_base: Pa
     for model, path in (("base", Path(eval_base)), ("sft", Path(eval_sft)), ("rl", Path(eval_rl))):
         if path.exists():
             data = read_json(path)
-            accuracy.append({"model": model, "accuracy_strict": data["accuracy_strict"],
-                             "accuracy_flexible": data["accuracy_flexible"]})
+            # pass_rate: what the gate decides on (promote.metric), the one series `dvc plots` draws
+            accuracy.append({"model": model, "pass_rate": data[f"accuracy_{params.promote.metric}"],
+                             **{k: v for k, v in data.items() if k.startswith("accuracy_")}})
     promotion = Path(promotion)
     decision = read_json(promotion) if promotion.exists() else {}
 
@@ -60,16 +61,18 @@ def run(params: Params, sft_log: Path, rl_log: Path, rm_log: Path, eval_base: Pa
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        width = 0.38
+        width = 0.8 / max(1, sum(k.startswith("accuracy_") for k in (accuracy[0] if accuracy else {})))
         xs = range(len(accuracy))
-        ax.bar([x - width / 2 for x in xs], [a["accuracy_strict"] for a in accuracy], width, label="strict (#### n)")
-        ax.bar([x + width / 2 for x in xs], [a["accuracy_flexible"] for a in accuracy], width, label="flexible")
+        series = [k for k in (accuracy[0] if accuracy else {}) if k.startswith("accuracy_")]
+        for i, key in enumerate(series):
+            offset = (i - (len(series) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], [a[key] for a in accuracy], width, label=key.removeprefix("accuracy_"))
         ax.set_xticks(list(xs), [a["model"] for a in accuracy])
-        ax.set_ylabel("GSM8K accuracy")
+        ax.set_ylabel(f"{params.data.task} pass rate")
         n = read_json(eval_rl)["n_questions"] if Path(eval_rl).exists() else "?"
         verdict = "promoted" if decision.get("promote") else "rejected" if decision else "no gate yet"
         ax.set_title(f"{n:.0f} questions, gate: {verdict}" if isinstance(n, float) else f"gate: {verdict}")
-        ax.set_ylim(0, max([0.1] + [a["accuracy_flexible"] * 1.25 for a in accuracy]))
+        ax.set_ylim(0, min(1.05, max([0.1] + [a[k] * 1.25 for a in accuracy for k in series])))
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()

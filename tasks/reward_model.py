@@ -1,30 +1,35 @@
-"""Stage `reward_model`: a learned reward for GSM8K answers, kind chosen by `reward_model.kind`.
+"""Stage `reward_model`: a learned reward for the task, kind chosen by `reward_model.kind`.
 
     posttrain stage reward_model     # or: dvc repro reward_model
 
-For GSM8K the learned reward is "is this worked answer correct?". Positives are reference
-solutions; negatives are the same solutions with the final answer (and the last line's result)
-changed, so the model must read the numbers, not the style.
+The task (posttrain/tasks/) gives the data. GSM8K: "is this worked answer correct?", positives are
+reference solutions, negatives the same solutions with a wrong final number, so the model must read the
+numbers, not the style. Style: poem (1) against the plain side of the pairs (0).
 
-classifier: an outcome verifier on a small encoder (default all-MiniLM-L6-v2) with a one-logit head,
-            trained with the HF Trainer (BCE). Used by DRaFT and the `verifier` reward.
+classifier: an encoder (default all-MiniLM-L6-v2) with a classification head, trained with the HF
+            Trainer: one logit and BCE for a GSM8K verifier, two classes and cross-entropy for the style
+            classifier (the seed's). Used by DRaFT and the `verifier` / `style` rewards.
 pairwise:   the base LM with a scalar head (AutoModelForSequenceClassification, num_labels=1), trained
             with TRL's RewardTrainer (Bradley-Terry loss) on (prompt, chosen, rejected) pairs in the
             evaluation prompt protocol. It shares the policy's tokenizer, so PPO scores token ids directly.
 Both save safetensors, train_log.json and eval.json (val accuracy; for pairwise P(chosen > rejected)).
+A reward model that no chosen method or reward reads is not trained: the stage writes `skipped.json`
+with the reason. One that is used must beat chance on held-out data, or the stage says so loudly.
 """
 
 from __future__ import annotations
 
-import random
-import re
+import math
 from pathlib import Path
 
 from posttrain.config import REWARD_MODEL_KINDS, Params
-from posttrain.gsm8k import gold_answer, parse_number
 from posttrain.io import atomic_path, read_jsonl, write_json
-from posttrain.prompts import sft_example, target_text
+from posttrain.prompts import completion_example
+from posttrain.tasks import registry
 from posttrain.training import summary_of, trainer_kwargs
+
+READS_REWARD_MODEL = {"verifier", "style"}  # rl.rewards names whose default model is models/reward_model
+METHODS_NEEDING_IT = {"draft": "rl.draft.reward_model", "ppo": "rl.ppo.reward_model_path"}
 
 
 def encoder_source(name: str) -> str:
@@ -37,38 +42,73 @@ def encoder_source(name: str) -> str:
     return name
 
 
-def corrupt(answer: str, rng: random.Random) -> str:
-    """The same worked answer with a wrong final number."""
-    gold = parse_number(gold_answer(answer)) or 0.0
-    wrong = gold + rng.choice([-3, -2, -1, 1, 2, 5, 10]) if rng.random() < 0.7 else gold * rng.choice([2, 3, 0.5])
-    wrong_text = str(int(wrong)) if float(wrong).is_integer() else f"{wrong:.2f}"
-    text = target_text(answer)
-    return re.sub(r"####.*$", f"#### {wrong_text}", text)
+def reward_names(rewards) -> set[str]:
+    """The reward names in rl.rewards, in either form: `name -> weight` or the seed's spec
+    ({type: weighted_sum, components: [{type: name, ...}]}, inline or a file path)."""
+    from posttrain.rewards import load_spec
+
+    def walk(node) -> set[str]:
+        if isinstance(node, list):
+            return set().union(*(walk(item) for item in node))
+        if not isinstance(node, dict):
+            return set()
+        names = {node["type"]} if isinstance(node.get("type"), str) else set(node)
+        return names.union(*(walk(value) for value in node.values()))
+
+    return walk(load_spec(rewards) if isinstance(rewards, str) else rewards)
 
 
-def build_examples(records: list[dict], n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    examples = []
-    for record in records[: max(1, n // 2)]:
-        examples.append({"text": f"{record['question']}\n{target_text(record['answer'])}", "label": 1.0})
-        examples.append({"text": f"{record['question']}\n{corrupt(record['answer'], rng)}", "label": 0.0})
-    rng.shuffle(examples)
-    return examples
+def why_not_needed(params: Params) -> str | None:
+    """None when the chosen method or a chosen reward reads the reward model, else the reason to skip it."""
+    if params.rl.method in METHODS_NEEDING_IT:
+        return None
+    names = reward_names(params.rl.rewards)
+    if READS_REWARD_MODEL & names:
+        return None
+    return (f"not needed: rl.method {params.rl.method} with rewards {', '.join(sorted(names))} reads no reward "
+            f"model (methods {', '.join(METHODS_NEEDING_IT)} and rewards {', '.join(sorted(READS_REWARD_MODEL))} do)")
 
 
-def build_pairs(records: list[dict], n: int, seed: int, eval_cfg) -> list[dict]:
-    """Preference pairs in the evaluation prompt protocol: the reference answer beats the same answer
-    with a wrong final number. `n` counts sequences, as for the classifier (n // 2 pairs)."""
-    rng = random.Random(seed)
+def write_skipped(out_dir: str | Path, reason: str, stage: str = "reward_model") -> dict:
+    """A skipped model stage still leaves its output folder (DVC tracks it): the reason, no weights."""
+    print(f"{stage}: skipped ({reason})")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        write_json(tmp / "skipped.json", {"skipped": True, "reason": reason})
+        write_json(tmp / "train_log.json", [])
+        write_json(tmp / "eval.json", {"skipped": True})
+    return {"model": Path(out_dir)}
+
+
+def binomial_p_above_chance(correct: int, n: int) -> float:
+    """One-sided exact binomial test: P(X >= correct) for X ~ Bin(n, 1/2)."""
+    return sum(math.comb(n, k) for k in range(correct, n + 1)) / 2 ** n if n else 1.0
+
+
+def chance_check(accuracy: float, n: int, what: str) -> dict:
+    """Held-out accuracy against coin flipping; a model that does not beat it is reported loudly."""
+    p_value = binomial_p_above_chance(round(accuracy * n), n)
+    beats = p_value < 0.05
+    if not beats:
+        print(f"\nWARNING: the {what} does NOT beat chance on held-out data: accuracy {accuracy:.3f} on {n} "
+              f"examples (binomial p={p_value:.3g} against 0.5). Rewards and scores read from it are noise.\n")
+    return {"beats_chance": beats, "chance_p_value": p_value, "n_val_examples": n}
+
+
+def build_examples(records: list[dict], n: int, seed: int, task=None) -> list[dict]:
+    return (task or registry.get("gsm8k")).classifier_examples(records, n, seed)
+
+
+def build_pairs(records: list[dict], n: int, seed: int, eval_cfg, task=None) -> list[dict]:
+    """Preference pairs in the evaluation prompt protocol (the task's (user, chosen, rejected));
+    `n` counts sequences, as for the classifier (n // 2 pairs)."""
     pairs = []
-    for record in records[: max(1, n // 2)]:
-        good = sft_example(record, eval_cfg)
-        bad = sft_example({"question": record["question"], "answer": corrupt(record["answer"], rng)}, eval_cfg)
+    for user, chosen, rejected in (task or registry.get("gsm8k")).preference_pairs(records, n, seed):
+        good, bad = completion_example(user, chosen, eval_cfg), completion_example(user, rejected, eval_cfg)
         pairs.append({"prompt": good["prompt"], "chosen": good["completion"], "rejected": bad["completion"]})
     return pairs
 
 
-def load_encoder(source: str, seed: int):
+def load_encoder(source: str, seed: int, num_labels: int = 1):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -80,11 +120,12 @@ def load_encoder(source: str, seed: int):
         tokenizer = build_tiny_tokenizer()
         torch.manual_seed(seed)
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                            intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
                             pad_token_id=tokenizer.pad_token_id)
         return BertForSequenceClassification(config), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=torch.float32,
+                                                               use_safetensors=True)
     return model, tokenizer
 
 
@@ -96,6 +137,9 @@ def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: s
     kind = params.reward_model.kind
     if kind not in KINDS:
         raise ValueError(f"reward_model.kind: unknown kind {kind!r}; known: {list(KINDS)}")
+    reason = why_not_needed(params)
+    if reason:
+        return write_skipped(out_dir, reason)
     if kind == "pairwise":
         return run_pairwise(params, train_path, val_path, out_dir, checkpoint_dir, base_dir)
     return run_classifier(params, train_path, val_path, out_dir, checkpoint_dir)
@@ -122,8 +166,10 @@ def run_pairwise(params: Params, train_path: str | Path, val_path: str | Path, o
                 "eval_strategy": "no", "save_strategy": "no", "gradient_checkpointing": False,
                 "max_length": cfg.max_length}
     args = RewardConfig(**trainer_kwargs(defaults | cfg.training, checkpoint_dir, params.seed))
-    train = Dataset.from_list(build_pairs(read_jsonl(train_path), cfg.n_examples, params.seed, params.eval))
-    val = Dataset.from_list(build_pairs(read_jsonl(val_path), min(cfg.n_examples, 128), params.seed + 1, params.eval))
+    task = registry.get(params.data.task)
+    train_records = task.reward_model_records(read_jsonl(train_path))
+    train = Dataset.from_list(build_pairs(train_records, cfg.n_examples, params.seed, params.eval, task))
+    val = Dataset.from_list(build_pairs(read_jsonl(val_path), min(cfg.n_examples, 128), params.seed + 1, params.eval, task))
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tokenizer)
     for name, kept, total in (("training", trainer.train_dataset, train), ("validation", trainer.eval_dataset, val)):
         if len(kept) == 0:
@@ -133,6 +179,7 @@ def run_pairwise(params: Params, train_path: str | Path, val_path: str | Path, o
     _train(trainer, params, checkpoint_dir)
     evaluation = trainer.evaluate() | {"kind": "pairwise", "n_train_pairs": len(trainer.train_dataset),
                                        "n_val_pairs": len(trainer.eval_dataset)}
+    evaluation |= chance_check(evaluation.get("eval_accuracy", 0.0), len(trainer.eval_dataset), "pairwise reward model")
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
 
 
@@ -163,37 +210,61 @@ def _save_outputs(model, tokenizer, trainer, evaluation: dict, out_dir, checkpoi
 
 def run_classifier(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
                    checkpoint_dir: str | Path) -> dict:
+    task = registry.get(params.data.task)
+    train_records = task.reward_model_records(read_jsonl(train_path))
+    return train_classifier(params, train_records, read_jsonl(val_path), params.reward_model.encoder, out_dir,
+                            checkpoint_dir, "reward model")
+
+
+def train_classifier(params: Params, train_records: list[dict], val_records: list[dict], encoder: str,
+                     out_dir: str | Path, checkpoint_dir: str | Path, what: str) -> dict:
+    """The task's classifier (reward model or judge) on `encoder`, validated on held-out records."""
     import numpy as np
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
 
-    set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
+    set_seed(params.seed)  # before any weights are built: heads start the same every run
     cfg = params.reward_model
-    model, tokenizer = load_encoder(encoder_source(cfg.encoder), params.seed)
-    # The verdict hangs on the final `#### n` line: cut long texts from the left so it is always seen
+    task = registry.get(params.data.task)
+    n_labels = task.CLASSIFIER_LABELS
+    model, tokenizer = load_encoder(encoder_source(encoder), params.seed, n_labels)
+    # A GSM8K verdict hangs on the final `#### n` line: cut long texts from the left so it is always seen
     # (right truncation at max_length 192 hid it in ~10% of GSM8K training texts). Saved with the
-    # tokenizer, so the `verifier` reward reads its inputs the same way.
+    # tokenizer, so the rewards read their inputs the same way.
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
 
     def tokenize(batch):
         return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length, padding="max_length")
 
-    train = Dataset.from_list(build_examples(read_jsonl(train_path), cfg.n_examples, params.seed)).map(tokenize, batched=True)
-    val = Dataset.from_list(build_examples(read_jsonl(val_path), min(cfg.n_examples, 128), params.seed + 1)).map(tokenize, batched=True)
-    model.config.problem_type = "multi_label_classification"  # one logit + BCE
+    def labelled(records, n, seed):
+        examples = task.classifier_examples(records, n, seed)
+        # one logit + BCE wants float targets [[y]]; two classes + cross-entropy want the class index
+        column = [[float(e["label"])] for e in examples] if n_labels == 1 else [int(e["label"]) for e in examples]
+        return Dataset.from_list(examples).add_column("labels", column).map(tokenize, batched=True)
+
+    train = labelled(train_records, cfg.n_examples, params.seed)
+    val = labelled(val_records, min(cfg.n_examples, 256), params.seed + 1)
+    if n_labels == 1:
+        model.config.problem_type = "multi_label_classification"  # one logit + BCE
+    else:
+        model.config.problem_type = "single_label_classification"
+        names = getattr(task, "CLASS_NAMES", ("0", "1"))
+        model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
 
     def compute_metrics(prediction):
-        logits, labels = prediction
-        return {"accuracy": float(((np.asarray(logits).reshape(-1) > 0) == (np.asarray(labels).reshape(-1) > 0.5)).mean())}
+        logits, labels = np.asarray(prediction[0]), np.asarray(prediction[1])
+        predicted = logits.reshape(-1) > 0 if n_labels == 1 else logits.argmax(-1)
+        truth = labels.reshape(-1) > 0.5 if n_labels == 1 else labels.reshape(-1)
+        return {"accuracy": float((predicted == truth).mean())}
 
     defaults = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 5e-5, "logging_steps": 5,
                 "eval_strategy": "no", "save_strategy": "no"}
     args = TrainingArguments(**trainer_kwargs(defaults | cfg.training, checkpoint_dir, params.seed))
-    train = train.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
-    val = val.map(lambda b: {"labels": [[x] for x in b["label"]]}, batched=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=compute_metrics)
     _train(trainer, params, checkpoint_dir)
-    evaluation = trainer.evaluate()
+    evaluation = trainer.evaluate() | {"kind": "classifier", "n_labels": n_labels, "encoder": encoder,
+                                       "n_train_examples": len(train)}
+    evaluation |= chance_check(evaluation.get("eval_accuracy", 0.0), len(val), what)
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
 
 
@@ -201,8 +272,11 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     evaluation = read_json(Path(out_dir) / "eval.json")
+    if evaluation.get("skipped"):
+        return {"skipped": 1.0}
     values = summary_of(read_json(Path(out_dir) / "train_log.json"), ("loss",)) | {
-        "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0))
+        "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0)),
+        "beats_chance": float(evaluation.get("beats_chance", False)),
     }
     if evaluation.get("kind") == "pairwise":  # eval_accuracy is RewardTrainer's share of pairs with chosen > rejected
         values |= {"val_pairwise_accuracy": float(evaluation.get("eval_accuracy", 0.0)),

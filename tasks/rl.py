@@ -22,6 +22,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import rl_prompt
+from posttrain.tasks import registry
 from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
 
@@ -29,7 +30,8 @@ def build_dataset(records: list[dict], params: Params):
     from datasets import Dataset
 
     limit = params.rl.max_prompts or len(records)
-    return Dataset.from_list([rl_prompt(r, params.eval) for r in records[:limit]])
+    task = registry.get(params.data.task)
+    return Dataset.from_list([rl_prompt(r, params.eval, task) for r in records[:limit]])
 
 
 def _policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):

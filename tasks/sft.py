@@ -1,9 +1,9 @@
-"""Stage `sft`: LoRA / DoRA supervised fine-tuning on question -> worked answer.
+"""Stage `sft`: LoRA / DoRA supervised fine-tuning on the task's user message -> reference reply.
 
     posttrain stage sft              # or: dvc repro sft
 
 TRL's SFTTrainer on a prompt-completion dataset computes the loss on the completion only, so
-the question (and system prompt) is masked out. `sft.lora` holds LoraConfig fields (use_dora:
+the prompt (GSM8K: the question; style: the plain text; and the system prompt) is masked out. `sft.lora` holds LoraConfig fields (use_dora:
 true gives DoRA), `sft.training` SFTConfig fields. An interrupted run resumes from the last
 checkpoint kept under checkpoints/sft.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
+from posttrain.tasks import registry
 from posttrain.training import load_causal_lm, lora_config, summary_of, train_resumable, trainer_kwargs
 
 
@@ -24,7 +25,8 @@ def build_dataset(records: list[dict], params: Params):
     from datasets import Dataset
 
     limit = params.sft.max_examples or len(records)
-    return Dataset.from_list([sft_example(r, params.eval) for r in records[:limit]])
+    task = registry.get(params.data.task)
+    return Dataset.from_list([sft_example(r, params.eval, task) for r in records[:limit]])
 
 
 def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: str | Path,

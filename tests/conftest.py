@@ -30,7 +30,7 @@ def tiny_params(tmp_path: Path | None = None, **section_overrides):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        update_params_file(target, "tiny", [f"data.source={GSM8K}", "data.max_train=120", "data.max_test=12"])
+        update_params_file(target, "tiny", [f"data.gsm8k.source={GSM8K}", "data.max_train=120", "data.max_test=12"])
     finally:
         os.chdir(cwd)
     return load_params(target)
@@ -79,7 +79,7 @@ def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
     os.chdir(path)
     try:
         update_params_file(Path("params.yaml"), "tiny",
-                           [f"data.source={GSM8K}", "data.max_train=120", "data.max_test=12"] + (overrides or []))
+                           [f"data.gsm8k.source={GSM8K}", "data.max_train=120", "data.max_test=12"] + (overrides or []))
     finally:
         os.chdir(cwd)
     return path

@@ -67,7 +67,7 @@ def with_source(ws: Path, tmp_path: Path, train_lines: list[str] | bytes) -> Non
     else:
         (source / "train.jsonl").write_text("".join(line + "\n" for line in train_lines))
     (source / "test.jsonl").write_text("".join(line + "\n" for line in TEST))
-    update_params_file(ws / "params.yaml", None, [f"data.source={source}", "data.max_train=0", "data.max_test=0"])
+    update_params_file(ws / "params.yaml", None, [f"data.gsm8k.source={source}", "data.max_train=0", "data.max_test=0"])
 
 
 def edit_params(ws: Path, section: str, key: str, value: str) -> int:

@@ -66,9 +66,9 @@ def test_changed_code_flags_exactly_the_stages_that_run_it(workspace_copy):
     ws = workspace_copy
     assert _flagged(ws) == set()
 
-    # gsm8k.py (answer extraction, calculator-note stripping in prompts.py) runs wherever prompts or
-    # scoring run; decoding.py only in the evaluator.
-    uses_gsm8k = {"reward_model", "sft", "rl"} | EVALS
+    # gsm8k.py (answer extraction, calculator-note stripping) runs wherever the task layer runs: reading and
+    # splitting the data, prompts, reward-model data, scoring; decoding.py only in the evaluator.
+    uses_gsm8k = {"prepare", "reward_model", "judge", "sft", "rl"} | EVALS
     for module, expected in (("posttrain/reinforce.py", {"rl"}), ("posttrain/gsm8k.py", uses_gsm8k),
                              ("posttrain/decoding.py", EVALS)):
         original = (ws / module).read_text()
@@ -78,6 +78,10 @@ def test_changed_code_flags_exactly_the_stages_that_run_it(workspace_copy):
         assert _flagged(ws) == set(), module
     assert _downstream(ws, {"rl"}) == {"eval_rl", "promote", "report"}
     assert _downstream(ws, uses_gsm8k) == {"merge", "promote", "report"}
+    # a new task's module is read by the same stages, never by base, merge, promote or report
+    (ws / "posttrain/tasks/style.py").write_text((ws / "posttrain/tasks/style.py").read_text() + "# a changed line\n")
+    assert _flagged(ws) == uses_gsm8k
+    (ws / "posttrain/tasks/style.py").write_text((ws / "posttrain/tasks/style.py").read_text()[:-len("# a changed line\n")])
 
     # Reproducing after a change to RL-only code reruns rl and, if its model changed, what reads it; never
     # the stages before it.

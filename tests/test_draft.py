@@ -15,7 +15,8 @@ from tasks import reward_model, rl
 @pytest.fixture(scope="module")
 def encoder_rm(params, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("draft") / "reward_model"
-    reward_model.run(params, prepared / "train.jsonl", prepared / "val.jsonl", out,
+    needs_it = dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="draft"))
+    reward_model.run(needs_it, prepared / "train.jsonl", prepared / "val.jsonl", out,
                      checkpoint_dir=out.parent / "rm_ckpt")
     return out
 

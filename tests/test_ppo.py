@@ -27,7 +27,8 @@ def folder_hash(path):
 
 def pairwise_params(params, **training):
     # max_length: TRL drops pairs longer than this; the tiny tokenizer spends many tokens on GSM8K text.
-    return with_section(params, "reward_model", kind="pairwise", n_examples=24, max_length=2048,
+    return with_section(with_section(params, "rl", method="ppo"), "reward_model", kind="pairwise", n_examples=24,
+                        max_length=2048,
                         training=params.reward_model.training | {"learning_rate": 1e-3, "num_train_epochs": 3,
                                                                   "logging_steps": 1} | training)
 

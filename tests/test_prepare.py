@@ -46,7 +46,7 @@ def test_invalid_data_is_rejected_with_file_line_and_nothing_written(params, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.jsonl").write_text("previous output\n")
-    p = dataclasses.replace(params, data=dataclasses.replace(params.data, source=str(src), max_train=0, max_test=0))
+    p = dataclasses.replace(params, data=dataclasses.replace(params.data, gsm8k=dataclasses.replace(params.data.gsm8k, source=str(src)), max_train=0, max_test=0))
     with pytest.raises(DataError, match=message):
         prepare.run(p, out)
     assert (out / "train.jsonl").read_text() == "previous output\n"  # previous outputs intact
@@ -57,10 +57,10 @@ def test_empty_file_and_missing_source(params, tmp_path):
     import dataclasses
 
     src = make_source(tmp_path, [])
-    p = dataclasses.replace(params, data=dataclasses.replace(params.data, source=str(src)))
+    p = dataclasses.replace(params, data=dataclasses.replace(params.data, gsm8k=dataclasses.replace(params.data.gsm8k, source=str(src))))
     with pytest.raises(DataError, match="train.jsonl: file is empty"):
         prepare.run(p, tmp_path / "out")
-    p = dataclasses.replace(params, data=dataclasses.replace(params.data, source=str(tmp_path / "missing")))
+    p = dataclasses.replace(params, data=dataclasses.replace(params.data, gsm8k=dataclasses.replace(params.data.gsm8k, source=str(tmp_path / "missing"))))
     with pytest.raises(DataError, match="data source not found"):
         prepare.run(p, tmp_path / "out")
     assert not (tmp_path / "out").exists()

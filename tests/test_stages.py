@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from posttrain.tasks import gsm8k as gsm8k_task
 from tasks import base, merge, reward_model, rl, sft
 
 
@@ -199,7 +200,7 @@ def test_corrupted_answers_change_the_final_number():
 
     answer = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"
     for seed in range(20):
-        wrong = reward_model.corrupt(answer, random.Random(seed))
+        wrong = gsm8k_task.corrupt(answer, random.Random(seed))
         assert parse_number(gold_answer(wrong)) != 7.0 and "<<" not in wrong
 
 

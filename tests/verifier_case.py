@@ -59,15 +59,16 @@ def verifier_params(params, max_length: int):
     cfg = params.reward_model
     training = cfg.training | {"num_train_epochs": 10, "learning_rate": 5e-3, "per_device_train_batch_size": 16,
                                "logging_steps": 10}
-    return dataclasses.replace(params, reward_model=dataclasses.replace(
-        cfg, kind="classifier", encoder="tiny", n_examples=192, max_length=max_length, training=training))
+    return dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="draft"),  # a method that reads it
+                               reward_model=dataclasses.replace(cfg, kind="classifier", encoder="tiny", n_examples=192,
+                                                                max_length=max_length, training=training))
 
 
 def held_out_pairs(val_path: Path, seed: int = 5) -> tuple[list[str], list[str], list[str]]:
     """Questions, right worked answers and the same answers with a wrong final number."""
     from posttrain.io import read_jsonl
     from posttrain.prompts import target_text
-    from tasks.reward_model import corrupt
+    from posttrain.tasks.gsm8k import corrupt
 
     rng = random.Random(seed)
     rows = read_jsonl(val_path)

@@ -1,0 +1,32 @@
+"""The task registry: `data.task` -> the module that declares the task. Stages never branch on a name.
+
+Every task module exposes the same few names:
+
+    NAME, METRICS (per-item booleans `correct_<m>`, reported as `accuracy_<m>`), PRIMARY_METRIC,
+    DEFAULT_REWARDS (rl.rewards when params leave it empty), USES_JUDGE (its evaluation needs the judge stage),
+    CLASSIFIER_LABELS (1: a one-logit verifier, 2: a two-class classifier whose class 1 is the reward)
+    prepare(params) -> (splits {train, val, test}, report)     read, validate (file:line errors), split
+    prompt_and_reference(record) -> (user message, reference reply)
+    reward_model_records(train) / judge_records(train) -> the records each of them trains on (disjoint)
+    reward_columns(record) -> extra columns the RL rewards read (beside prompt, question, solution)
+    check_eval_records(records)                                  DataError naming file:line
+    classifier_examples(records, n, seed) -> [{text, label}]     the classifier reward model's data
+    preference_pairs(records, n, seed) -> [(user, chosen, rejected)]
+    stop_rule(tokenizer) -> a decoding stop rule or None
+    make_context(params, judge_dir) -> what score() needs loaded (the judge), or None
+    score(records, generations, context, params) -> per-item records, each with `question` (the pairing key)
+    summary(per_item) -> task metrics beside accuracy_<m>
+    protocol(params) -> what the task adds to the evaluation protocol (empty for gsm8k: its hash is pinned)
+"""
+
+from __future__ import annotations
+
+from posttrain.tasks import gsm8k, style
+
+TASKS = {module.NAME: module for module in (gsm8k, style)}
+
+
+def get(name: str):
+    if name not in TASKS:
+        raise KeyError(f"data.task: unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]

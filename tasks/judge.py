@@ -1,0 +1,35 @@
+"""Stage `judge`: the held-out judge that scores evaluations of tasks judged by a model (style).
+
+    posttrain stage judge            # or: dvc repro judge
+
+An evaluation is never scored by the reward model the policy was optimised against: the judge is a
+classifier of the same kind trained on training records the reward model never saw
+(task.judge_records: style's odd-index records; the reward model takes the even ones), on the
+encoder `data.<task>.judge_encoder`. Tasks scored without a model (GSM8K: the reference number) skip
+this stage with a one-line reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.config import Params
+from posttrain.io import read_jsonl
+from posttrain.tasks import registry
+from tasks.reward_model import metrics as classifier_metrics
+from tasks.reward_model import train_classifier, write_skipped
+
+
+def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
+        checkpoint_dir: str | Path = "checkpoints/judge") -> dict:
+    task = registry.get(params.data.task)
+    if not task.USES_JUDGE:
+        return write_skipped(out_dir, f"not needed: the {task.NAME} task is scored without a judge model",
+                             "judge")
+    records = task.judge_records(read_jsonl(train_path))
+    encoder = getattr(params.data, task.NAME).judge_encoder
+    return train_classifier(params, records, read_jsonl(val_path), encoder, out_dir, checkpoint_dir, "judge")
+
+
+def metrics(out_dir: str | Path) -> dict[str, float]:
+    return classifier_metrics(out_dir)
