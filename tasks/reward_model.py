@@ -12,7 +12,11 @@ classifier: an encoder (default all-MiniLM-L6-v2) with a classification head, tr
 pairwise:   the base LM with a scalar head (AutoModelForSequenceClassification, num_labels=1), trained
             with TRL's RewardTrainer (Bradley-Terry loss) on (prompt, chosen, rejected) pairs in the
             evaluation prompt protocol. It shares the policy's tokenizer, so PPO scores token ids directly.
-Both save safetensors, train_log.json and eval.json (val accuracy; for pairwise P(chosen > rejected)).
+mlp_head:   the StrictBot seed's: the frozen base LM with an MLP head (hidden -> 512 -> 256 -> 1) on the last
+            non-padding token, Bradley-Terry on the task's pairs (chat: the reward-model part of the
+            preference file; without one, reference output over a base-model sample drawn with the seed
+            recorded). Saves the head only (head.safetensors) and a pointer to its base (posttrain/mlp_head.py).
+All save safetensors, train_log.json and eval.json (val accuracy; for pairwise and mlp_head P(chosen > rejected)).
 A reward model that no chosen method or reward reads is not trained: the stage writes `skipped.json`
 with the reason. One that is used must beat chance on held-out data, or the stage says so loudly.
 """
@@ -23,7 +27,7 @@ import math
 from pathlib import Path
 
 from posttrain.config import REWARD_MODEL_KINDS, Params
-from posttrain.io import atomic_path, read_jsonl, write_json
+from posttrain.io import atomic_path, read_jsonl, write_json, write_jsonl
 from posttrain.prompts import completion_example
 from posttrain.tasks import registry
 from posttrain.training import summary_of, trainer_kwargs
@@ -133,7 +137,8 @@ KINDS = REWARD_MODEL_KINDS  # posttrain.config lists them so that loading params
 
 
 def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
-        checkpoint_dir: str | Path = "checkpoints/reward_model", base_dir: str | Path = "models/base") -> dict:
+        checkpoint_dir: str | Path = "checkpoints/reward_model", base_dir: str | Path = "models/base",
+        preferences_path: str | Path | None = None) -> dict:
     kind = params.reward_model.kind
     if kind not in KINDS:
         raise ValueError(f"reward_model.kind: unknown kind {kind!r}; known: {list(KINDS)}")
@@ -142,7 +147,109 @@ def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: s
         return write_skipped(out_dir, reason)
     if kind == "pairwise":
         return run_pairwise(params, train_path, val_path, out_dir, checkpoint_dir, base_dir)
+    if kind == "mlp_head":
+        return train_mlp_head(params, "reward_model", train_path, val_path, preferences_path, base_dir, out_dir,
+                              "mlp_head reward model")
     return run_classifier(params, train_path, val_path, out_dir, checkpoint_dir)
+
+
+def default_pair_sets(task):
+    """pair_sets for a task without preference data: its preference_pairs on its reward-model (or judge)
+    records, held out on the validation records."""
+    def pair_sets(role, train, val, preferences, n, seed):
+        records = task.reward_model_records(train) if role == "reward_model" else task.judge_records(train)
+        as_dicts = lambda triples: [{"user": u, "chosen": c, "rejected": r} for u, c, r in triples]  # noqa: E731
+        return (as_dicts(task.preference_pairs(records, n, seed)),
+                as_dicts(task.preference_pairs(val, min(n, 128), seed + 1)), f"the {task.NAME} task's preference_pairs")
+
+    return pair_sets
+
+
+def sample_replies(base_dir: str | Path, users: list[str], params: Params, batch_size: int = 16) -> list[str]:
+    """One base-model sample per user message, in the evaluation prompt protocol, seeded by params.seed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.prompts import prompt_text
+
+    cfg = params.reward_model.mlp_head
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
+    torch.manual_seed(params.seed)
+    replies = []
+    for start in range(0, len(users), batch_size):
+        prompts = [prompt_text(u, params.eval, tokenizer) for u in users[start:start + batch_size]]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**batch, do_sample=True, temperature=cfg.sample_temperature, top_p=1.0, top_k=0,
+                                 max_new_tokens=cfg.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = out[:, batch.input_ids.shape[1]:]
+        replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return replies
+
+
+def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_path, base_dir, out_dir,
+                   what: str) -> dict:
+    """An mlp_head model (reward model or judge, by `role`) on the task's pairs; held-out pairwise accuracy
+    checked against chance. Writes head.safetensors, mlp_head.json, train_log.json, eval.json (and
+    sampled_pairs.jsonl when rejected replies were sampled from the base)."""
+    import torch
+    from transformers import set_seed
+
+    from posttrain import mlp_head
+    from posttrain.prompts import prompt_text, reply_text
+
+    cfg, task = params.reward_model, registry.get(params.data.task)
+    preferences = read_jsonl(preferences_path) if preferences_path and Path(preferences_path).exists() else []
+    pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
+    train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
+                                               cfg.n_examples, params.seed)
+    if not train_pairs or not val_pairs:
+        raise ValueError(f"{what}: {len(train_pairs)} training and {len(val_pairs)} held-out pairs; both are needed")
+    to_sample = [p for p in train_pairs + val_pairs if p["rejected"] is None]
+    if to_sample:
+        print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
+        for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
+            pair["rejected"], pair["sampled"] = reply, True
+    set_seed(params.seed)  # before the head is built: it starts the same every run
+    backbone, tokenizer = mlp_head.load_backbone(base_dir)
+    model = mlp_head.MLPHeadRewardModel(backbone, cfg.mlp_head.dropout)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def features(pairs, side):
+        rows = [mlp_head.encode(tokenizer, prompt_text(p["user"], params.eval, tokenizer),
+                                reply_text(p[side], params.eval), cfg.max_length) for p in pairs]
+        return mlp_head.features_of(model, rows, pad_id)
+
+    train_c, train_r, val_c, val_r = (features(pairs, side) for pairs in (train_pairs, val_pairs)
+                                      for side in ("chosen", "rejected"))
+    head = cfg.mlp_head
+    log = mlp_head.train_head(model, train_c, train_r, head.epochs, head.learning_rate, head.batch_size,
+                              head.weight_decay, params.seed)
+    held_out = mlp_head.pairwise_accuracy(model, val_c, val_r)
+    seen = mlp_head.pairwise_accuracy(model, train_c, train_r)
+    with torch.no_grad():
+        val_loss = float(mlp_head.bradley_terry_loss(model.score(val_c), model.score(val_r)))
+    evaluation = {"kind": "mlp_head", "role": role, "pairs_from": origin,
+                  "eval_accuracy": held_out["pairwise_accuracy"], "eval_margin": held_out["margin"], "eval_loss": val_loss,
+                  "train_pairwise_accuracy": seen["pairwise_accuracy"], "n_train_pairs": len(train_pairs),
+                  "n_val_pairs": len(val_pairs), "sampled_rejected": len(to_sample),
+                  **({"sample_seed": params.seed, "sample_temperature": head.sample_temperature,
+                      "sample_max_new_tokens": head.sample_max_new_tokens} if to_sample else {})}
+    evaluation |= chance_check(held_out["pairwise_accuracy"], len(val_pairs), what)
+    print(f"{what}: held-out pairwise accuracy {held_out['pairwise_accuracy']:.3f} on {len(val_pairs)} pairs "
+          f"(train {seen['pairwise_accuracy']:.3f} on {len(train_pairs)}), pairs from {origin}")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        mlp_head.save(model, tmp, base_dir, {"role": role, "task": task.NAME, "pairs_from": origin,
+                                             "prompt_style": params.eval.prompt_style,
+                                             "system_prompt": params.eval.system_prompt, "max_length": cfg.max_length})
+        write_json(tmp / "train_log.json", log)
+        write_json(tmp / "eval.json", evaluation)
+        if to_sample:
+            write_jsonl(tmp / "sampled_pairs.jsonl", to_sample)
+    return {"model": Path(out_dir)}
 
 
 def run_pairwise(params: Params, train_path: str | Path, val_path: str | Path, out_dir: str | Path,
@@ -233,14 +340,14 @@ def train_classifier(params: Params, train_records: list[dict], val_records: lis
     # tokenizer, so the rewards read their inputs the same way.
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
 
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length, padding="max_length")
+    def tokenize(batch):  # padded to the longest text, not to max_length: short texts (poems) cost short rows
+        return tokenizer(batch["text"], truncation=True, max_length=cfg.max_length, padding="longest")
 
     def labelled(records, n, seed):
         examples = task.classifier_examples(records, n, seed)
         # one logit + BCE wants float targets [[y]]; two classes + cross-entropy want the class index
         column = [[float(e["label"])] for e in examples] if n_labels == 1 else [int(e["label"]) for e in examples]
-        return Dataset.from_list(examples).add_column("labels", column).map(tokenize, batched=True)
+        return Dataset.from_list(examples).add_column("labels", column).map(tokenize, batched=True, batch_size=None)
 
     train = labelled(train_records, cfg.n_examples, params.seed)
     val = labelled(val_records, min(cfg.n_examples, 256), params.seed + 1)
@@ -278,7 +385,7 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
         "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0)),
         "beats_chance": float(evaluation.get("beats_chance", False)),
     }
-    if evaluation.get("kind") == "pairwise":  # eval_accuracy is RewardTrainer's share of pairs with chosen > rejected
+    if evaluation.get("kind") in ("pairwise", "mlp_head"):  # eval_accuracy: the share of pairs with chosen > rejected
         values |= {"val_pairwise_accuracy": float(evaluation.get("eval_accuracy", 0.0)),
                    "val_margin": float(evaluation.get("eval_margin", 0.0)),
                    "n_train_pairs": float(evaluation["n_train_pairs"]), "n_val_pairs": float(evaluation["n_val_pairs"])}
