@@ -34,6 +34,9 @@ class ConfigError(ValueError):
 GSM8K_SYSTEM_PROMPT = "Solve the math problem step by step. End with a line '#### <number>'."
 STYLE_SYSTEM_PROMPT = ("You are a poet. Whatever the user writes, answer with a short rhyming poem of two to four "
                        "lines that says the same thing.")
+CHAT_SYSTEM_PROMPT = ("You are a strict tutor. Never give the final answer. Reply in at most two sentences: name the "
+                      "concept or first step the student should use, then end with a question that makes them do the "
+                      "next step themselves. No exclamation marks.")
 
 
 @dataclass
@@ -56,6 +59,24 @@ class StyleTaskConfig:
 
 
 @dataclass
+class ChatTaskConfig:
+    """Persona chat: instructions [{input, output}] (JSON list or JSONL) and optional preference pairs
+    {prompt, chosen, rejected} (JSONL), in one folder (posttrain/tasks/chat.py, data/chat/README.md)."""
+
+    source: str = "data/chat"  # the folder holding the two files below
+    instructions: str = "instructions.json"  # a JSON list or JSON Lines of {input, output}
+    # JSON Lines of {prompt, chosen, rejected}; "" = none (rejected = base-model samples)
+    preferences: str = "preferences.jsonl"
+    system_prompt: str = CHAT_SYSTEM_PROMPT  # the persona (eval.system_prompt `task`)
+    # chat_template (the tokenizer's) | seed (the literal '<|user|> {input} <|end|>\n<|assistant|>')
+    prompt_format: str = "chat_template"
+    val_fraction: float = 0.1  # instructions held out for validation (seeded)
+    test_fraction: float = 0.2  # instructions held out as the evaluation items (seeded)
+    judge_fraction: float = 0.4  # preference pairs kept for the judge, never seen by the reward model (seeded)
+    pair_val_fraction: float = 0.2  # of each part (reward model, judge): pairs held out for its pairwise accuracy
+
+
+@dataclass
 class DataConfig:
     task: str = "gsm8k"  # which task plug-in reads, splits, prompts and scores the data (posttrain/tasks/)
     val_fraction: float = 0.05  # gsm8k: share of train held out for validation (style splits by its own rule)
@@ -63,6 +84,7 @@ class DataConfig:
     max_test: int = 0  # 0 = keep all test records
     gsm8k: GSM8KTaskConfig = field(default_factory=GSM8KTaskConfig)
     style: StyleTaskConfig = field(default_factory=StyleTaskConfig)
+    chat: ChatTaskConfig = field(default_factory=ChatTaskConfig)
 
     @property
     def source(self) -> str:
@@ -77,19 +99,36 @@ class BaseConfig:
 
 
 @dataclass
+class MLPHeadConfig:
+    """reward_model.kind mlp_head (posttrain/mlp_head.py): the head's training on the frozen base's features."""
+
+    epochs: int = 30  # passes over the pairs (features are computed once: an epoch takes milliseconds)
+    learning_rate: float = 1.0e-3  # AdamW on the head only
+    batch_size: int = 16  # pairs per step
+    weight_decay: float = 0.01
+    dropout: float = 0.1  # after each hidden layer of the head (the seed's)
+    sample_temperature: float = 1.0  # without preference data: rejected = a base-model sample at this temperature
+    sample_max_new_tokens: int = 48  # ... of at most this many tokens
+
+
+@dataclass
 class RewardModelConfig:
-    kind: str = "classifier"  # classifier (encoder verifier; DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO)
+    # classifier (encoder verifier; DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO)
+    # | mlp_head (frozen base LM + MLP head on the last token, the StrictBot seed's; PPO)
+    kind: str = "classifier"
     encoder: str = "minilm"  # classifier: minilm (PyPI wheel) | tiny | local HF folder
     n_examples: int = 512  # references + corrupted references used to train the verifier
     max_length: int = 256
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields
+    mlp_head: MLPHeadConfig = field(default_factory=MLPHeadConfig)  # kind mlp_head (also the chat task's judge)
 
 
 QUANTIZATION = ("none", "4bit", "8bit")  # sft.quantization: bitsandbytes precision of the frozen base
 # Registry names, checked when params load. tasks/rl.py's METHODS and tasks/reward_model.py's kinds must
 # match (a test checks); they are listed here so that loading params does not import the stage code.
 RL_METHODS = ("grpo", "reinforce", "ppo", "draft", "hybrid")
-REWARD_MODEL_KINDS = ("classifier", "pairwise")
+REWARD_MODEL_KINDS = ("classifier", "pairwise", "mlp_head")
+PPO_REWARD_MODEL_KINDS = ("pairwise", "mlp_head")  # LM reward models that score the policy's token ids
 
 
 @dataclass(frozen=True)
@@ -100,11 +139,18 @@ class TaskDefaults:
     metrics: tuple[str, ...]  # per-item booleans correct_<m>, reported as accuracy_<m>
     primary_metric: str  # promote.metric `task`
     rewards: dict  # rl.rewards when params leave it empty
+    # rl.ppo fields params leave unset (the project's before tasks; chat: the StrictBot seed's)
+    ppo: dict = field(default_factory=lambda: dict(PROJECT_PPO_DEFAULTS))
+    ppo_rewards: dict | None = None  # rl.rewards for rl.method ppo when params leave it empty (None: `rewards`)
 
 
+PROJECT_PPO_DEFAULTS = {"kl_coef": 0.05, "response_length": 64, "temperature": 0.8}
 TASKS = {  # posttrain/tasks/registry.py holds the modules (a test checks they agree)
     "gsm8k": TaskDefaults(("strict", "flexible"), "flexible", {"exact_match": 1.0, "format": 0.2}),
     "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0}),
+    # PPO on the learned reward alone, with the seed's kl_coef, response_length and temperature
+    "chat": TaskDefaults(("pass",), "pass", {"cosine_sts": 1.0},
+                         ppo={"kl_coef": 0.03, "response_length": 32, "temperature": 0.7}, ppo_rewards={}),
 }
 
 
@@ -192,7 +238,8 @@ class EvalConfig:
     batch_size: int = 64  # rows decoded together (posttrain/decoding.py)
     streams: int = 0  # batches decoded side by side in threads, sharing batch_size; 0 = auto (CPU: 1 per 32 rows)
     max_new_tokens: int = 256
-    prompt_style: str = "chat"  # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:")
+    # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:") | seed ("<|user|> ... <|end|>\n<|assistant|>")
+    prompt_style: str = "chat"
     shots: int = 0  # k-shot examples taken from the training split
     system_prompt: str = "task"  # `task`: the task's own (data.<task>.system_prompt); anything else is used as is
     dtype: str = "float32"
@@ -393,11 +440,23 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("data", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "style", "content_threshold"), _between(-1, 1)),
     (("data", "style", "judge_threshold"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "chat", "prompt_format"), _one_of("chat_template", "seed")),
+    (("data", "chat", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "chat", "test_fraction"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "chat", "judge_fraction"), _between(0, 1, low_open=True, high_open=True)),
+    (("data", "chat", "pair_val_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "max_train"), _between(0, None)),
     (("data", "max_test"), _between(0, None)),
     (("reward_model", "kind"), _one_of(*REWARD_MODEL_KINDS)),
     (("reward_model", "n_examples"), _between(2, None)),
     (("reward_model", "max_length"), _between(8, None)),
+    (("reward_model", "mlp_head", "epochs"), _between(1, None)),
+    (("reward_model", "mlp_head", "learning_rate"), _between(0, None, low_open=True)),
+    (("reward_model", "mlp_head", "batch_size"), _between(1, None)),
+    (("reward_model", "mlp_head", "weight_decay"), _between(0, None)),
+    (("reward_model", "mlp_head", "dropout"), _between(0, 1, high_open=True)),
+    (("reward_model", "mlp_head", "sample_temperature"), _between(0, None, low_open=True)),
+    (("reward_model", "mlp_head", "sample_max_new_tokens"), _between(1, None)),
     (("sft", "max_examples"), _between(0, None)),
     (("sft", "quantization"), _one_of(*QUANTIZATION)),
     (("rl", "method"), _one_of(*RL_METHODS)),
@@ -426,7 +485,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("eval", "streams"), _between(0, None)),
     (("eval", "max_new_tokens"), _between(1, None)),
     (("eval", "shots"), _between(0, None)),
-    (("eval", "prompt_style"), _one_of("chat", "plain")),
+    (("eval", "prompt_style"), _one_of("chat", "plain", "seed")),
     (("eval", "dtype"), _one_of("float32", "bfloat16", "float16")),
     (("promote", "threshold"), _between(0, 1)),
     # A negative minimum effect would promote a candidate that is worse than its baseline.
@@ -481,19 +540,38 @@ def check_values(params: Params, where: "_Where") -> None:
 
 def resolve_task_defaults(params: Params, where: "_Where") -> None:
     """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
-    `task` its default per-item pass, empty rl.rewards its default rewards, `{task}` in the registered
-    model's name the task's name. Resolved here, once, so every stage, the protocol hash and MLflow see
+    `task` its default per-item pass, empty rl.rewards its default rewards (for PPO its `ppo_rewards`),
+    rl.ppo fields left unset its PPO defaults, `{task}` in the registered model's name the task's name; a
+    task with a `prompt_format` (chat) sets eval.prompt_style. Resolved here, once, so every stage, the protocol
+    hash and MLflow see
     the values that were used."""
     task = TASKS[params.data.task]
+    task_cfg = getattr(params.data, params.data.task)
+    prompt_format = getattr(task_cfg, "prompt_format", None)  # chat: the tokenizer's template or the seed's literal
+    if prompt_format is not None:
+        wanted = {"chat_template": "chat", "seed": "seed"}[prompt_format]
+        if params.eval.prompt_style not in ("chat", wanted):
+            raise ConfigError(f"{where(('eval', 'prompt_style'))}: 'eval.prompt_style' is set by "
+                              f"data.{params.data.task}.prompt_format ({prompt_format}) for the {params.data.task} "
+                              f"task; leave it at chat, got {params.eval.prompt_style!r}")
+        params.eval.prompt_style = wanted
+        if wanted == "seed" and params.eval.system_prompt == "task":
+            params.eval.system_prompt = ""  # the seed's prompt has no system turn: the persona is learnt from the data
     if params.eval.system_prompt == "task":
-        params.eval.system_prompt = getattr(params.data, params.data.task).system_prompt
+        params.eval.system_prompt = task_cfg.system_prompt
     if params.promote.metric == "task":
         params.promote.metric = task.primary_metric
     if params.promote.metric not in task.metrics:
         raise ConfigError(f"{where(('promote', 'metric'))}: 'promote.metric' must be task or one of "
                           f"{', '.join(task.metrics)} (data.task {params.data.task}), got {params.promote.metric!r}")
     if not params.rl.rewards:
-        params.rl.rewards = dict(task.rewards)
+        ppo_own = params.rl.method == "ppo" and task.ppo_rewards is not None
+        params.rl.rewards = dict(task.ppo_rewards if ppo_own else task.rewards)
+    params.rl.ppo = dict(task.ppo) | params.rl.ppo
+    if params.rl.method == "ppo" and params.reward_model.kind not in PPO_REWARD_MODEL_KINDS:
+        raise ConfigError(f"{where(('reward_model', 'kind'))}: rl.method ppo scores the policy's tokens with an LM reward "
+                          f"model: 'reward_model.kind' must be one of {', '.join(PPO_REWARD_MODEL_KINDS)}, "
+                          f"got {params.reward_model.kind!r}")
     params.promote.registered_model = params.promote.registered_model.replace("{task}", params.data.task)
 
 

@@ -1,13 +1,16 @@
 """PPO (`rl.method: ppo`) on TRL's experimental PPOTrainer: kept behind this one module so it can be replaced.
 
-    posttrain stage rl -S rl.method=ppo -S reward_model.kind=pairwise    # needs the pairwise reward model
+    posttrain stage rl -S rl.method=ppo -S reward_model.kind=mlp_head    # or kind pairwise: an LM reward model
 
 trl 1.12.0 is the last release that ships PPO (`trl.experimental.ppo`). The pieces:
   policy     the merged SFT model + a LoRA adapter (`rl.lora`); only the adapter trains
   reference  the same policy with its adapter disabled (ref_model=None + peft_config): frozen by construction
-  value      a copy of the pairwise reward model (models/reward_model), trained alongside the adapter
-  reward     the pairwise reward model, frozen, plus the rule-based terms of `rl.rewards` (exact_match
-             against the gold answer, format, ...) added to its score by RuleAugmentedReward
+  value      started from the reward model and trained alongside the adapter: kind pairwise, a full copy
+             (LM + linear head, all weights train); kind mlp_head, the same frozen base with a copy of
+             the trained MLP head, only the head trains
+  reward     the reward model (pairwise: LM + scalar head; mlp_head: frozen base + MLP head, the StrictBot
+             seed's), frozen, plus the rule-based terms of `rl.rewards` (exact_match against the gold
+             answer, format, ...) added to its score by RuleAugmentedReward; no terms = the RM alone
 Per token the policy is paid -kl_coef * KL(policy || reference) and the sequence score at its last token
 (PPOConfig.kl_coef, kl_estimator). `rl.ppo` holds PPOConfig fields; `reward_model_path` picks the folder.
 
@@ -52,9 +55,12 @@ def ppo_config(params: Params, checkpoint_dir: str | Path, model_dir: str | Path
 
 
 def check_reward_model_kind(params: Params) -> None:
-    if params.reward_model.kind != "pairwise":
-        raise ValueError(f"rl.method=ppo needs a pairwise LM reward model, but reward_model.kind is "
-                         f"{params.reward_model.kind!r}: set reward_model.kind: pairwise and rerun the reward_model stage")
+    from posttrain.config import PPO_REWARD_MODEL_KINDS
+
+    if params.reward_model.kind not in PPO_REWARD_MODEL_KINDS:
+        raise ValueError(f"rl.method=ppo needs an LM reward model, but reward_model.kind is "
+                         f"{params.reward_model.kind!r}: set reward_model.kind: pairwise (or mlp_head) and rerun the "
+                         "reward_model stage")
 
 
 def distinct_pad(tokenizer, prompts_ids: list[list[int]]) -> None:
@@ -176,11 +182,21 @@ def _trainer_class():
     return LoggingPPOTrainer
 
 
-def load_reward_model(path: str | Path, tokenizer):
-    """The pairwise reward model, checked to be a scalar-head LM that shares the policy's vocabulary."""
+def load_reward_model(path: str | Path, tokenizer, value: bool = False):
+    """The LM reward model, checked to share the policy's vocabulary: a pairwise scalar-head LM, or an
+    mlp_head model (frozen base + MLP head). `value`: the copy PPO trains as its value model (mlp_head:
+    only the head takes gradients)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from posttrain import mlp_head
+
     path = Path(path)
+    if mlp_head.is_mlp_head(path):
+        model, rm_tokenizer, _ = mlp_head.load(path, trainable=value)
+        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"rl.ppo.reward_model_path: the base of '{path}' has another vocabulary than the policy; "
+                             "PPO scores the policy's token ids, so train the head on the policy's base")
+        return model
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"rl.ppo.reward_model_path: no reward model at '{path}' "
                                 "(run the reward_model stage with reward_model.kind: pairwise)")
@@ -204,6 +220,15 @@ def run_ppo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
     """Returns (policy with its adapter, tokenizer, log history), like tasks.rl.run_grpo."""
     import shutil
 
+    trainer, tokenizer = build_trainer(params, model_dir, dataset, checkpoint_dir)
+    print("ppo: no checkpoints (TRL's PPOTrainer cannot resume); an interrupted run restarts from step 0")
+    trainer.train()
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return trainer.accelerator.unwrap_model(trainer.model).policy, tokenizer, trainer.state.log_history
+
+
+def build_trainer(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
+    """(the PPOTrainer, ready to train; the tokenizer the policy is saved with)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
@@ -228,14 +253,11 @@ def run_ppo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
 
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     reward_model = load_reward_model(args.reward_model_path, tokenizer).eval().requires_grad_(False)
-    value_model = load_reward_model(args.reward_model_path, tokenizer)
+    value_model = load_reward_model(args.reward_model_path, tokenizer, value=True)
     trainer = _trainer_class()(
         args=args, processing_class=ppo_tokenizer, model=policy, ref_model=None,
         reward_model=RuleAugmentedReward(reward_model, ppo_tokenizer, rows_by_prompt, reward_funcs, weights),
         value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": prompt_ids}),
         peft_config=lora_config(params.rl.lora),
     )
-    print("ppo: no checkpoints (TRL's PPOTrainer cannot resume); an interrupted run restarts from step 0")
-    trainer.train()
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return trainer.accelerator.unwrap_model(trainer.model).policy, tokenizer, trainer.state.log_history
+    return trainer, tokenizer

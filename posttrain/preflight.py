@@ -30,7 +30,8 @@ def check_registries(params: Params, where: _Where) -> None:
                 raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
                                   f"known: {', '.join(sorted(rewards.FACTORIES))}")
     try:
-        rewards.validate(spec, params.rl.reward_postprocess or None)
+        if spec or params.rl.method != "ppo":  # PPO's reward is the reward model: rule terms are optional
+            rewards.validate(spec, params.rl.reward_postprocess or None)
     except ValueError as err:
         message = str(err)
         key = re.sub(r"\[\d+\]", "", message.split(":", 1)[0])  # rl.rewards.components[0] -> its nearest line

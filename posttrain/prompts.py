@@ -23,6 +23,20 @@ def _plain_block(user: str, reference: str | None = None) -> str:
     return text if reference is None else f"{text} {reference}\n\n"
 
 
+SEED_TEMPLATE = "<|user|> {user} <|end|>\n<|assistant|>"  # the StrictBot seed's literal prompt (not a chat template)
+
+
+def _seed_block(user: str, reference: str | None = None) -> str:
+    text = SEED_TEMPLATE.format(user=user)
+    return text if reference is None else f"{text} {reference} <|end|>\n"
+
+
+def _seed_text(user: str, cfg: EvalConfig, shots: list[tuple[str, str]] | None = None) -> str:
+    """The seed's format; a system prompt, when one is set, goes first in the same style."""
+    system = f"<|system|> {cfg.system_prompt} <|end|>\n" if cfg.system_prompt else ""
+    return system + "".join(_seed_block(u, r) for u, r in shots or []) + _seed_block(user)
+
+
 def prompt_messages(user: str, cfg: EvalConfig, shots: list[tuple[str, str]] | None = None) -> list[dict]:
     """System prompt, k-shot (user, reference) examples, then the user message."""
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
@@ -39,14 +53,24 @@ def prompt_text(user: str, cfg: EvalConfig, tokenizer, shots: list[tuple[str, st
         )
     if cfg.prompt_style == "plain":
         return "".join(_plain_block(u, r) for u, r in shots or []) + _plain_block(user)
-    raise ValueError(f"eval.prompt_style must be 'chat' or 'plain', got {cfg.prompt_style!r}")
+    if cfg.prompt_style == "seed":
+        return _seed_text(user, cfg, shots)
+    raise ValueError(f"eval.prompt_style must be 'chat', 'plain' or 'seed', got {cfg.prompt_style!r}")
 
 
 def completion_example(user: str, reference: str, cfg: EvalConfig) -> dict:
     """A prompt-completion example for TRL's SFTTrainer; the prompt is masked out of the loss."""
     if cfg.prompt_style == "chat":
         return {"prompt": prompt_messages(user, cfg), "completion": [{"role": "assistant", "content": reference}]}
+    if cfg.prompt_style == "seed":  # the trainer appends EOS, where a reply ends
+        return {"prompt": _seed_text(user, cfg), "completion": " " + reference}
     return {"prompt": _plain_block(user), "completion": " " + reference + "\n"}
+
+
+def reply_text(reply: str, cfg: EvalConfig) -> str:
+    """A reply as it follows the prompt text in the model's input: what SFT trained after the prompt (the
+    chat template's assistant turn holds the reply itself; the string formats start it with a space)."""
+    return reply.strip() if cfg.prompt_style == "chat" else " " + reply.strip()
 
 
 def sft_example(record: dict, cfg: EvalConfig, task=gsm8k) -> dict:
@@ -66,7 +90,8 @@ def rl_prompt(record: dict, cfg: EvalConfig, task=gsm8k) -> dict:
     """A prompt for RL trainers; the task's reward columns (gsm8k: answer), the user message (question) and
     the reference reply (solution) travel along as columns for the rewards."""
     user, reference = task.prompt_and_reference(record)
-    prompt = prompt_messages(user, cfg) if cfg.prompt_style == "chat" else _plain_block(user)
+    prompt = (prompt_messages(user, cfg) if cfg.prompt_style == "chat" else
+              _seed_text(user, cfg) if cfg.prompt_style == "seed" else _plain_block(user))
     return {"prompt": prompt, **task.reward_columns(record), "question": user, "solution": reference}
 
 

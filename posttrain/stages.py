@@ -41,7 +41,7 @@ class Stage:
 
 
 # What every stage that builds prompts or reads the task's records depends on, beside its own section.
-TASK_PARAMS = ("data.task", "data.gsm8k", "data.style", "eval.prompt_style", "eval.system_prompt")
+TASK_PARAMS = ("data.task", "data.gsm8k", "data.style", "data.chat", "eval.prompt_style", "eval.system_prompt")
 
 
 def _eval_stage(model: str) -> Stage:
@@ -50,26 +50,30 @@ def _eval_stage(model: str) -> Stage:
         inputs={"model_dir": f"{MODELS}/{model}", "test_path": f"{PREPARED}/test.jsonl",
                 "train_path": f"{PREPARED}/train.jsonl", "judge_dir": f"{MODELS}/judge"},
         outputs={"out_dir": f"{REPORTS}/eval/{model}"},
-        params=("eval", "data.task", "data.gsm8k", "data.style"), metrics=f"{REPORTS}/eval_{model}.json",
+        params=("eval", "data.task", "data.gsm8k", "data.style", "data.chat", "base.source"),
+        metrics=f"{REPORTS}/eval_{model}.json",
     )
 
 
 STAGES: list[Stage] = [
     Stage("prepare", "prepare", outputs={"out_dir": PREPARED}, params=("seed", "data"),
           # every task's source: whichever data.task picks (DVC cannot choose one by a param)
-          extra_deps=("${data.gsm8k.source}", "${data.style.source}"), metrics=f"{REPORTS}/prepare.json", retries=2),
+          extra_deps=("${data.gsm8k.source}", "${data.style.source}", "${data.chat.source}"),
+          metrics=f"{REPORTS}/prepare.json", retries=2),
     Stage("base", "base", outputs={"out_dir": f"{MODELS}/base"}, params=("seed", "base"),
           metrics=f"{REPORTS}/base.json", retries=2),
     Stage("reward_model", "reward_model",
-          # base_dir: kind=pairwise starts from the base LM (and shares its tokenizer with the policy)
+          # base_dir: kinds pairwise and mlp_head start from the base LM (and share its tokenizer with the policy);
+          # preferences_path: the task's preference pairs (chat), empty for the others
           inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl",
-                  "base_dir": f"{MODELS}/base"},
+                  "base_dir": f"{MODELS}/base", "preferences_path": f"{PREPARED}/preferences.jsonl"},
           # rl.method and rl.rewards decide whether it is needed at all (else it is skipped, saying why)
           outputs={"out_dir": f"{MODELS}/reward_model"},
           params=("seed", "reward_model", "rl.method", "rl.rewards", *TASK_PARAMS),
           metrics=f"{REPORTS}/reward_model.json"),
-    Stage("judge", "judge", inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl"},
-          outputs={"out_dir": f"{MODELS}/judge"}, params=("seed", "reward_model", "data.task", "data.style"),
+    Stage("judge", "judge", inputs={"train_path": f"{PREPARED}/train.jsonl", "val_path": f"{PREPARED}/val.jsonl",
+                                    "base_dir": f"{MODELS}/base", "preferences_path": f"{PREPARED}/preferences.jsonl"},
+          outputs={"out_dir": f"{MODELS}/judge"}, params=("seed", "reward_model", *TASK_PARAMS),
           metrics=f"{REPORTS}/judge.json"),
     Stage("sft", "sft", inputs={"train_path": f"{PREPARED}/train.jsonl", "base_dir": f"{MODELS}/base"},
           outputs={"out_dir": f"{MODELS}/sft_adapter"}, params=("seed", "sft", *TASK_PARAMS),

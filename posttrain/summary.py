@@ -1,7 +1,8 @@
 """The end-of-run summary: pass rates per model, deltas, time per stage, gate decision, where to look.
 
 The columns are the task's: every `accuracy_<metric>` the evaluation wrote (GSM8K: strict, flexible;
-style: pass, style, content) and the task's extra figures (style: mean content cosine)."""
+style: pass, style, content; chat: pass) and the task's extra figures (style: mean content cosine; chat: mean
+judge margin and reply length in words)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from posttrain import stages
 from posttrain.io import read_json
 
 MODELS = ("base", "sft", "rl")
-EXTRAS = ("content_mean", "judge_p_poem_mean")  # task figures shown beside the pass rates
+EXTRAS = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "reply_words_mean")  # task figures beside the pass rates
 
 
 def collect(root: str | Path = ".") -> dict:

@@ -4,7 +4,8 @@
 
 The task (data.task, posttrain/tasks/) owns the schema, the expectation suite and the split rule.
 Invalid input stops the stage with the file, the line and the failed expectation; the output folder
-is written to a temporary sibling and renamed only when everything passed.
+is written to a temporary sibling and renamed only when everything passed. preferences.jsonl holds the
+task's preference pairs (chat), and is empty for tasks without them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def run(params: Params, out_dir: str | Path) -> dict[str, Path]:
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, records in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", records)
+        if "preferences" not in splits:  # the reward model and judge stages depend on it, whatever the task
+            write_jsonl(tmp / "preferences.jsonl", [])
         write_json(tmp / "validation.json", {"task": params.data.task, "splits": {k: len(v) for k, v in splits.items()},
                                              "reports": reports})
     return {name: out_dir / f"{name}.jsonl" for name in splits} | {"report": out_dir / "validation.json"}

@@ -9,8 +9,8 @@ reinforce: posttrain/reinforce.py, batch-mean baseline, normalised advantages, o
 draft:     posttrain/draft.py, LM loss - beta * reward of a frozen encoder RM fed Gumbel-softmax soft
            tokens (rl.draft); the learned projection is saved beside the model.
 hybrid:    posttrain/hybrid.py, SFT and RL steps alternating on one adapter (rl.hybrid + rl.training).
-ppo:       posttrain/ppo.py, TRL PPOTrainer with the pairwise reward model (reward_model.kind: pairwise)
-           as reward and value model, plus rl.rewards rule terms, KL to the adapter-free policy (rl.ppo).
+ppo:       posttrain/ppo.py, TRL PPOTrainer with an LM reward model (reward_model.kind: pairwise or mlp_head)
+           as reward and value model's start, plus rl.rewards rule terms, KL to the adapter-free policy (rl.ppo).
 The LoRA/DoRA adapter a method trains is merged into the SFT model, so the output is a plain HF folder.
 """
 

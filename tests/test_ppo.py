@@ -69,7 +69,7 @@ def test_preference_pairs_follow_the_eval_protocol(params, prepared):
 
 
 def test_unknown_reward_model_kind_is_refused(params, prepared, tmp_path):
-    with pytest.raises(ValueError, match=r"reward_model.kind: unknown kind 'pairwize'; known: \['classifier', 'pairwise'\]"):
+    with pytest.raises(ValueError, match=r"reward_model.kind: unknown kind 'pairwize'; known: \['classifier', 'pairwise', 'mlp_head'\]"):
         reward_model.run(with_section(params, "reward_model", kind="pairwize"), prepared / "train.jsonl",
                          prepared / "val.jsonl", tmp_path / "rm", checkpoint_dir=tmp_path / "ckpt")
     assert not (tmp_path / "rm").exists()

@@ -17,13 +17,19 @@ Every task module exposes the same few names:
     score(records, generations, context, params) -> per-item records, each with `question` (the pairing key)
     summary(per_item) -> task metrics beside accuracy_<m>
     protocol(params) -> what the task adds to the evaluation protocol (empty for gsm8k: its hash is pinned)
+
+Optional (tasks/reward_model.py and tasks/judge.py fall back when a module lacks them):
+    JUDGE_KIND ("classifier" when absent; chat: "mlp_head")
+    pair_sets(role, train, val, preferences, n, seed) -> (train pairs, held-out pairs, origin): the pairs an
+        mlp_head reward model (role `reward_model`) or judge (`judge`) learns from; `preferences` are the
+        records of data/prepared/preferences.jsonl (empty for tasks without preference data)
 """
 
 from __future__ import annotations
 
-from posttrain.tasks import gsm8k, style
+from posttrain.tasks import chat, gsm8k, style
 
-TASKS = {module.NAME: module for module in (gsm8k, style)}
+TASKS = {module.NAME: module for module in (gsm8k, style, chat)}
 
 
 def get(name: str):
