@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, task
 
-from posttrain import lifecycle, stages, summary, tracking
+from posttrain import console, lifecycle, stages, summary, tracking
+from posttrain.io import read_json
 
 
 class StageFailed(RuntimeError):
@@ -48,17 +50,34 @@ def _retry_transient_only(task, task_run, state) -> bool:
 
 
 @task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=_retry_transient_only)
-def run_stage(name: str, root: str) -> str:
+def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
+    """`dvc repro --single-item <name>`, its output in <log_dir>/<name>.log; prints the stage's one line."""
     dvc = Path(sys.executable).parent / "dvc"
     command = [str(dvc) if dvc.exists() else "dvc", "repro", "--single-item", name]
     if lifecycle.dvc_lock_held(root):
         raise _busy(name, root)
-    code = lifecycle.run_child(command, cwd=root, env=_stage_env())
+    logs = Path(log_dir or Path(root) / console.LOG_DIR / "adhoc")
+    logs.mkdir(parents=True, exist_ok=True)
+    log, result = logs / f"{name}.log", logs / f"{name}.result.json"
+    result.unlink(missing_ok=True)
+    env = _stage_env() | {console.STAGE_RESULT_ENV: str(result)}
+    started = time.monotonic()
+    code = console.run_stage_logged(name, command, log, cwd=root, env=env, run_child=lifecycle.run_child,
+                                    show_progress=not os.environ.get("TQDM_DISABLE"))
+    seconds = time.monotonic() - started
     if code != 0:
         if lifecycle.dvc_lock_held(root):
             raise _busy(name, root)
-        raise StageFailed(f"stage '{name}' failed (exit {code}); its output is above")
-    return name
+        console.say(console.stage_line(name, "FAILED", seconds, f"exit {code}; last lines of {log}:"))
+        if not console.verbose():  # with -v the whole log is on the console already
+            console.say(console.tail(log))
+        raise StageFailed(f"stage '{name}' failed (exit {code}); its log: {log}")
+    ran = result.exists()
+    stage = stages.get(name)
+    values = read_json(result) if ran else (
+        read_json(Path(root) / stage.metrics) if stage.metrics and (Path(root) / stage.metrics).exists() else {})
+    console.say(console.stage_line(name, "ran" if ran else "reused", seconds, summary.headline(values)))
+    return {"ran": ran, "seconds": seconds}
 
 
 @flow(name="posttrain-pipeline", log_prints=True)
@@ -79,11 +98,17 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
     with lifecycle.workspace_lock(root, wait=wait), lifecycle.stop_on_signals():
         update_params_file(Path(root) / "params.yaml", None, list(overrides or []))
         validate_workspace(root)  # every param, before anything runs
+        console.quiet_prefect()
         with tracking.pipeline_run(root, run_name=run_name) as parent:
             lifecycle.record_holder(root, parent.info.run_id)
             mlflow.log_artifact(str(Path(root) / "params.yaml"))
-            for stage in stages.STAGES:
-                run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(stage.name, root)
+            logs = console.run_log_dir(root, parent.info.run_id)
+            console.say(f"stage logs: {os.path.relpath(logs, os.getcwd())}/ (-v prints them here too)")
+            try:
+                for stage in stages.STAGES:
+                    run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(stage.name, root, str(logs))
+            finally:  # a failed run's logs are what its MLflow run most needs
+                mlflow.log_artifacts(str(logs), artifact_path="logs")
             result = summary.collect(root)
             mlflow.log_metrics(summary.numeric(result))
             mlflow.set_tag("gate.decision", result.get("gate", {}).get("decision", "n/a"))

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -35,9 +34,11 @@ def _quiet_env(args) -> None:
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    # peft imports bitsandbytes, which warns on every import that the optional `kernels` package (a hub
-    # download, left out on purpose) is missing; its CPU fallback is what runs. Silenced at its logger.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from posttrain import console
+
+    if getattr(args, "verbose", False):  # stages run by dvc inherit it
+        os.environ[console.VERBOSE_ENV] = "1"
+    console.quiet_libraries()  # known library noise, at its loggers and warning filters (not with -v)
 
 
 def cmd_run(args) -> int:
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (for CI)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print every stage's whole output and the libraries' logs (default: one line per stage, "
+                             "the rest in .posttrain/logs/)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the whole pipeline (Prefect flow; DVC skips unchanged stages)")

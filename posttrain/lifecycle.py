@@ -203,11 +203,15 @@ def stop_children(grace: float = STOP_GRACE_SECONDS) -> None:
     _signal_all([pid for pid in tree if process_start(pid)], signal.SIGKILL)
 
 
-def run_child(command: list[str], **kwargs) -> int:
-    """Run a command (a stage) and return its exit code; a stop of this process stops it too."""
+def run_child(command: list[str], watch=None, **kwargs) -> int:
+    """Run a command (a stage) and return its exit code; a stop of this process stops it too.
+
+    `watch(child)`, if given, runs while the child does (say, reading its output)."""
     child = subprocess.Popen(command, **kwargs)
     _children.append(child)
     try:
+        if watch is not None:
+            watch(child)
         return child.wait()
     finally:
         _children.remove(child)

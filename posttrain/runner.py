@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from pathlib import Path
 
-from posttrain import distributed, stages, tracking
+from posttrain import console, distributed, stages, tracking
 from posttrain.config import flatten, load_params, to_dict
 from posttrain.io import write_json
 
@@ -74,6 +75,8 @@ def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Pa
                     mlflow.log_artifact(str(path), artifact_path=stage.name)
         if stage.metrics:
             write_json(root / stage.metrics, values | {"stage_seconds": seconds})
+        if os.environ.get(console.STAGE_RESULT_ENV):  # the flow's way to tell "ran" from "reused by DVC"
+            write_json(Path(os.environ[console.STAGE_RESULT_ENV]), values | {"stage_seconds": seconds})
     if dist is not None:
         dist.wait_for_everyone()
     return values

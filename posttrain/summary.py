@@ -9,15 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain import stages
+from posttrain.config import TASKS
 from posttrain.io import read_json
 
 MODELS = ("base", "sft", "rl")
+LABELS = {"content_mean": "mean cos", "judge_p_poem_mean": "P(poem)"}  # column names of the task figures
 EXTRAS = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "reply_words_mean")  # task figures beside the pass rates
 
 
 def collect(root: str | Path = ".") -> dict:
     root = Path(root)
     out: dict = {"models": {}, "stage_seconds": {}}
+    prepared = root / stages.PREPARED / "validation.json"
+    out["task"] = read_json(prepared).get("task", "gsm8k") if prepared.exists() else "gsm8k"
     for model in MODELS:
         path = root / stages.REPORTS / f"eval_{model}.json"
         if path.exists():
@@ -30,7 +34,8 @@ def collect(root: str | Path = ".") -> dict:
         if path.exists():
             data = read_json(path)
             out[name] = ({"skipped": True} if data.get("skipped") else
-                         {k: data.get(k) for k in ("val_accuracy", "val_pairwise_accuracy", "beats_chance") if k in data})
+                         {k: data.get(k) for k in ("val_accuracy", "val_pairwise_accuracy") if k in data}
+                         | ({"beats chance": "yes" if data["beats_chance"] else "NO"} if "beats_chance" in data else {}))
     for stage in stages.STAGES:
         if stage.metrics and (root / stage.metrics).exists():
             out["stage_seconds"][stage.name] = read_json(root / stage.metrics).get("stage_seconds")
@@ -41,6 +46,7 @@ def collect(root: str | Path = ".") -> dict:
             "decision": "promoted" if data.get("promote") else "rejected", "reason": data.get("reason"),
             "baseline": data.get("baseline"), "model_version": data.get("model_version"),
             "ci_low": data.get("ci_low"), "ci_high": data.get("ci_high"), "mcnemar_p": data.get("mcnemar_p"),
+            "metric": data.get("metric"),
         }
     return out
 
@@ -59,9 +65,12 @@ def numeric(result: dict) -> dict[str, float]:
 def render(result: dict) -> str:
     models = result.get("models", {})
     first = next(iter(models.values()), {})
-    scores = [k for k in first if k.startswith("accuracy_")] + [k for k in EXTRAS if k in first]
-    primary = scores[-1] if scores and scores[-1] == "accuracy_flexible" else (scores[0] if scores else None)
-    names = [k.removeprefix("accuracy_").replace("_mean", "") for k in scores]
+    task = TASKS.get(result.get("task", "gsm8k"), TASKS["gsm8k"])
+    rates = [f"accuracy_{m}" for m in task.metrics if f"accuracy_{m}" in first]
+    scores = rates + [k for k in EXTRAS if k in first]
+    primary = f"accuracy_{result.get('gate', {}).get('metric') or task.primary_metric}"
+    primary = primary if primary in first else (rates[0] if rates else None)
+    names = [k.removeprefix("accuracy_") if k in rates else LABELS.get(k, k) for k in scores]
     delta_name = f"delta({primary.removeprefix('accuracy_')[:4]} vs base)" if primary else "delta"
     lines = ["", "model   " + "".join(f"{n:<10}" for n in names) + f"{delta_name:<21}early-stop  mean tokens  items"]
     base_primary = models.get("base", {}).get(primary)
@@ -92,3 +101,28 @@ def render(result: dict) -> str:
         lines.append(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
         lines.append("        open it with: posttrain ui")
     return "\n".join(lines)
+
+
+def headline(values: dict) -> str:
+    """A stage's figure for its console line: accuracy, loss, reward, sizes, the gate's decision."""
+    if not values:
+        return ""
+    if values.get("skipped"):
+        return "skipped (not needed)"
+    if "promote" in values:
+        version = values.get("model_version")
+        return (f"{'PROMOTED' if values['promote'] else 'rejected'}"
+                + (f" (model version {version}, vs {values.get('baseline')})" if version is not None else ""))
+    accuracies = {k.removeprefix("accuracy_"): v for k, v in values.items() if k.startswith("accuracy_")}
+    if accuracies:
+        return ", ".join(f"{name} {value:.3f}" for name, value in accuracies.items()) + (
+            f" on {int(values['n_questions'])} items" if "n_questions" in values else "")
+    for key, label in (("reward_last", "reward"), ("val_accuracy", "val accuracy"),
+                       ("val_pairwise_accuracy", "val pairwise accuracy"), ("loss_last", "loss")):
+        if isinstance(values.get(key), (int, float)):
+            return f"{label} {values[key]:.4g}"
+    if "n_train" in values:
+        return " / ".join(f"{int(values[k])} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in values)
+    if "n_parameters" in values:
+        return f"{values['n_parameters'] / 1e6:.1f}M parameters"
+    return ""

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from posttrain import console
+
 PARENT_ENV = "POSTTRAIN_PARENT_RUN_ID"
 EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
 # Where a NEW experiment keeps its artifacts, e.g. s3://bucket/mlflow (with MLFLOW_S3_ENDPOINT_URL and
@@ -126,7 +128,7 @@ def pipeline_run(root: str | Path = ".", run_name: str | None = None, tags: dict
     """The parent run; exports its id so stage subprocesses nest under it."""
     setup(root)
     for run_id in end_orphaned_runs(root):
-        print(f"marked MLflow run {run_id} KILLED: the process that ran it is gone")
+        console.say(f"marked MLflow run {run_id} KILLED: the process that ran it is gone")
     with _active_run(run_name=run_name, tags={"posttrain.pipeline": "true", **_run_tags(root), **(tags or {})}) as run:
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run.info.run_id

@@ -18,7 +18,10 @@ def run_suite(frame, name: str, label: str, expectations: list, describe=None) -
     `describe(column)` may name a helper column in words."""
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # its "Calculating Metrics" bars
     suite = gx.ExpectationSuite(name=f"{name}:{label}")
     for expectation in expectations:
         suite.add_expectation(expectation)
