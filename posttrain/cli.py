@@ -146,6 +146,20 @@ def cmd_ui(args) -> int:
     return subprocess.call(command)
 
 
+def cmd_compare(args) -> int:
+    from posttrain.compare import compare, load_side
+    from posttrain.config import load_params
+    from posttrain.tracking import setup
+
+    params = load_params("params.yaml", overrides=args.set or [])
+    if any(spec.startswith("models:/") for spec in (args.a, args.b)):
+        setup(".")  # the registry of this workspace's tracking store (MLFLOW_TRACKING_URI if set)
+    a, b = load_side(args.a, params), load_side(args.b, params)
+    cfg = params.promote
+    print(compare(a, b, cfg.metric, cfg.confidence, cfg.n_bootstrap, params.seed, show=args.show))
+    return 0
+
+
 def _deployment_parameters(args) -> dict:
     """The flow's parameters for a deployment: the workspace, and -S overrides validated now."""
     from posttrain.config import load_params
@@ -238,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("gate", help="print the last gate decision; exit 0 if promoted, 1 if rejected")
     gate.add_argument("--report", default="reports/promotion.json", help="decision file (default: %(default)s)")
     gate.set_defaults(func=cmd_gate)
+
+    comp = sub.add_parser("compare", help="two models on the same items, paired: table, bootstrap interval, McNemar "
+                                          "p, the items where they differ")
+    comp.add_argument("a", help="eval report folder, model folder, or models:/<name>/<version> | models:/<name>@<alias>")
+    comp.add_argument("b", help="the same kinds as A")
+    comp.add_argument("--show", type=int, default=5, metavar="N", help="items where they differ to print (default: %(default)s)")
+    comp.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                      help="override a param for this call only (promote.metric, eval settings for model folders)")
+    comp.set_defaults(func=cmd_compare)
 
     summ = sub.add_parser("summary", help="print the summary of the last run from reports/")
     summ.set_defaults(func=cmd_summary)

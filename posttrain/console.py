@@ -55,6 +55,7 @@ def quiet_libraries() -> None:
         ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING"),
         ("MLFLOW_LOGGING_LEVEL", "WARNING"),  # "Creating initial MLflow database tables..."
         ("GIT_PYTHON_REFRESH", "quiet"),
+        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),  # "Downloading artifacts" bars
     ):
         os.environ.setdefault(name, value)
     # transformers 5 renames gradient checkpointing; TRL still sets the old name on every run.
