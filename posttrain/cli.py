@@ -128,8 +128,6 @@ def cmd_summary(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from posttrain.tracking import tracking_uri
 
     uri = args.backend_store_uri or tracking_uri(".")
@@ -142,8 +140,61 @@ def cmd_ui(args) -> int:
             raise ConfigError("--auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (a random secret, the same for every "
                               "server process) and MLFLOW_AUTH_CONFIG_PATH (users database, admin account)")
         command += ["--app-name", "basic-auth"]
-    print(f"MLflow server for {uri} at http://{args.host}:{args.port}")
-    return subprocess.call(command)
+    print(f"MLflow server for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return _serve_until_stopped(command, "MLflow server")
+
+
+def _stop_group(proc, grace: float = 10.0) -> None:
+    """SIGTERM a process group (a server and the workers it forked), SIGKILL what is left after `grace` s."""
+    import signal
+    import time
+
+    pgid = proc.pid  # started with start_new_session: its pid is its group's id
+
+    def alive() -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    if alive():
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so the group can empty
+        time.sleep(0.1)
+    if alive():
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _serve_until_stopped(command: list[str], what: str) -> int:
+    """Run a server in a process group of its own; SIGINT/SIGTERM here stop that whole group (its workers too)."""
+    import signal
+    import subprocess
+
+    from posttrain.lifecycle import Stopped
+
+    proc = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches us, we stop the group
+
+    def handler(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    except Stopped as stop:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_group(proc)
+        proc.wait()
+        print(f"posttrain: {stop}: stopped the {what} (process group {proc.pid}) and its workers", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    _stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
+    return code
 
 
 def cmd_compare(args) -> int:
