@@ -529,7 +529,7 @@ def test_chat_run_end_to_end_through_dvc_repro_and_the_gate(tmp_path):
     params = load_params(ws / "params.yaml")
     assert params.rl.ppo["reward_model_path"] == "models/reward_model"  # the policy's reward, never models/judge
     for model in ("base", "sft", "rl"):
-        metrics = json.loads((ws / "reports" / f"eval_{model}.json").read_text())
+        metrics = json.loads((ws / "reports" / "eval" / model / "metrics.json").read_text())
         assert {"accuracy_pass", "judge_margin_mean", "reply_words_mean"} <= set(metrics)
         assert "judge part of preferences.jsonl" in metrics["protocol"]["judge"]
         records = read_jsonl(ws / "reports" / "eval" / model / "records.jsonl")
@@ -538,5 +538,6 @@ def test_chat_run_end_to_end_through_dvc_repro_and_the_gate(tmp_path):
     gate = run_in(ws, [str(bin_dir / "python"), "-m", "posttrain", "gate"])
     assert gate.returncode == (0 if promotion["promote"] else 1), gate.stdout + gate.stderr
     summary = run_in(ws, [str(bin_dir / "python"), "-m", "posttrain", "summary"])
-    assert "reward model: val_pairwise_accuracy" in summary.stdout and "judge: val_pairwise_accuracy" in summary.stdout
-    assert "margin" in summary.stdout and "reply_words" in summary.stdout
+    lines = {line.split(":", 1)[0]: line for line in summary.stdout.splitlines() if ":" in line}
+    assert "val_pairwise_accuracy" in lines["reward model"] and "val_pairwise_accuracy" in lines["judge"]
+    assert "margin" in summary.stdout and "words" in summary.stdout
