@@ -8,7 +8,6 @@ PPO on it, and the held-out judge, on tiny models.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from posttrain.io import DataError, read_jsonl
 from posttrain.prompts import digest, prompt_text, protocol, rl_prompt, sft_example
 from posttrain.tasks import chat, registry
 from tests.conftest import ROOT
+from tests.test_ppo import folder_hash
 
 SHIPPED = ROOT / "data" / "chat"
 
@@ -340,13 +340,6 @@ def chat_setup(tmp_path_factory):
     params = chat_tiny_params(folder)
     prepare.run(params, folder / "prepared")
     return params, folder / "prepared"
-
-
-def folder_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 def random_head(tiny_base: Path, out: Path) -> Path:
