@@ -62,6 +62,14 @@ def tiny_base(params, session_dir) -> Path:
     return base.run(params, session_dir / "base")
 
 
+def task_sources() -> list[str]:
+    """Every task's shipped data, by absolute path: `prepare` depends on all of them (whichever data.task
+    picks), so a workspace outside the repository must point at each."""
+    from posttrain.config import TASKS
+
+    return [f"data.{task}.source={ROOT / 'data' / task}" for task in TASKS]
+
+
 def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
     """A git+DVC workspace holding this project's pipeline files and the tiny profile."""
     from posttrain.cli import update_params_file
@@ -75,11 +83,12 @@ def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
             shutil.copy(src, path / item)
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=path, check=True)
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")  # the project's cache settings (links)
     cwd = os.getcwd()
     os.chdir(path)
     try:
         update_params_file(Path("params.yaml"), "tiny",
-                           [f"data.gsm8k.source={GSM8K}", "data.max_train=120", "data.max_test=12"] + (overrides or []))
+                           [*task_sources(), "data.max_train=120", "data.max_test=12"] + (overrides or []))
     finally:
         os.chdir(cwd)
     return path
