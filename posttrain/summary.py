@@ -13,7 +13,8 @@ from posttrain.config import TASKS
 from posttrain.io import read_json
 
 MODELS = ("base", "sft", "rl")
-LABELS = {"content_mean": "mean cos", "judge_p_poem_mean": "P(poem)"}  # column names of the task figures
+LABELS = {"content_mean": "mean cos", "judge_p_poem_mean": "P(poem)", "judge_margin_mean": "margin",
+          "reply_words_mean": "words"}  # column names of the task figures
 EXTRAS = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "reply_words_mean")  # task figures beside the pass rates
 
 
