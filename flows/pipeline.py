@@ -92,6 +92,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
     """
     import mlflow
 
+    from posttrain.config import flatten, load_params, to_dict
     from posttrain.preflight import update_params_file, validate_workspace
 
     root = str(Path(root).resolve())
@@ -99,19 +100,33 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
         update_params_file(Path(root) / "params.yaml", None, list(overrides or []))
         validate_workspace(root)  # every param, before anything runs
         console.quiet_prefect()
-        with tracking.pipeline_run(root, run_name=run_name) as parent:
+        # The parent run carries every param (params.yaml after overrides), so two runs compared in the UI show
+        # what differs; its default name says what it ran: task, RL method, params hash.
+        params = load_params(Path(root) / "params.yaml")
+        flat = flatten(to_dict(params))
+        with tracking.pipeline_run(root, run_name=run_name or tracking.default_run_name(params, flat),
+                                   tags={"posttrain.params_hash": tracking.params_hash(flat)}) as parent:
             lifecycle.record_holder(root, parent.info.run_id)
             mlflow.log_artifact(str(Path(root) / "params.yaml"))
+            tracking.log_flat_params(flat)
             logs = console.run_log_dir(root, parent.info.run_id)
             console.say(f"stage logs: {os.path.relpath(logs, os.getcwd())}/ (-v prints them here too)")
             try:
                 for stage in stages.STAGES:
                     run_stage.with_options(retries=stage.retries, retry_delay_seconds=5)(stage.name, root, str(logs))
-            finally:  # a failed run's logs are what its MLflow run most needs
+            finally:  # a failed run's logs and data version are what its MLflow run most needs
                 mlflow.log_artifacts(str(logs), artifact_path="logs")
+                data_md5 = tracking.prepared_data_md5(root)
+                if data_md5:  # lineage: `dvc checkout` with this run's dvc.lock restores exactly this data
+                    mlflow.log_param("data.prepared_md5", data_md5)
+                    mlflow.log_artifact(str(Path(root) / "dvc.lock"))
             result = summary.collect(root)
             mlflow.log_metrics(summary.numeric(result))
             mlflow.set_tag("gate.decision", result.get("gate", {}).get("decision", "n/a"))
+            table = summary.render(result).strip("\n")
+            mlflow.log_text(table + "\n", "summary.txt")
+            mlflow.log_dict(result, "summary.json")
+            mlflow.set_tag("mlflow.note.content", f"```\n{table}\n```")  # the run's description in the UI
             result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
                                 "experiment_id": parent.info.experiment_id}
     return result

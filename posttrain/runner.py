@@ -67,6 +67,10 @@ def run_stage(name: str, params_path: str | Path = "params.yaml", root: str | Pa
             values = dict(result.get("metrics", {}))
         numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(numeric | {"stage_seconds": seconds})
+        # Lineage: the prepared splits this stage read (prepare: wrote) as MLflow datasets of its run.
+        splits = [p for p in paths.values() if p.is_file()] + [
+            p / split for p in paths.values() if p == root / stages.PREPARED for split in tracking.DATA_CONTEXTS]
+        tracking.log_data_inputs(splits, params.data.task, root, versioned=stage.name != "prepare")
         if "out_dir" in stage.outputs:
             _log_training_curve(paths["out_dir"])
             small = ("metrics.json", "records.jsonl", "validation.json", "train_log.json")

@@ -21,6 +21,9 @@ EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
 # AWS_* credentials for an S3-compatible store). An existing experiment keeps the location it was created with.
 ARTIFACTS_ENV = "POSTTRAIN_ARTIFACT_LOCATION"
 DEFAULT_EXPERIMENT = "posttrain-gsm8k"
+# MLflow 3's UI opens a GenAI experiment on its Traces overview; a "Machine learning" one on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 class RegistryError(RuntimeError):
@@ -48,9 +51,12 @@ def setup(root: str | Path = ".") -> str:
             artifacts = Path(root).resolve() / "mlflow" / "artifacts"
             artifacts.mkdir(parents=True, exist_ok=True)
             artifact_location = artifacts.as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag existed: mark it, keep a user's choice
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         if wanted and experiment.artifact_location.rstrip("/") != wanted:
             print(f"warning: {ARTIFACTS_ENV}={wanted} ignored: experiment '{name}' already stores artifacts at "
                   f"{experiment.artifact_location} (set {EXPERIMENT_ENV} to start a new experiment)", file=sys.stderr)
@@ -148,3 +154,72 @@ def log_flat_params(values: dict) -> None:
     items = [(k, str(v)[:6000]) for k, v in values.items()]
     for start in range(0, len(items), 100):
         mlflow.log_params(dict(items[start:start + 100]))
+
+
+def params_hash(flat: dict) -> str:
+    """8 hex digits over every param value: two runs with the same hash ran the same params.yaml."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_run_name(params, flat: dict) -> str:
+    """What the parent run's name says: the task, the RL method and the params hash (`gsm8k-grpo-1a2b3c4d`)."""
+    return f"{params.data.task}-{params.rl.method}-{params_hash(flat)}"
+
+
+def prepared_data_md5(root: str | Path = ".") -> str | None:
+    """DVC's md5 of data/prepared as dvc.lock records it (`<md5>.dir`): the data version a run used."""
+    import yaml
+
+    from posttrain import stages
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return None
+    prepare = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {})
+    return next((out.get("md5") for out in prepare.get("outs", []) if out.get("path") == stages.PREPARED), None)
+
+
+def file_md5(path: Path) -> str:
+    """The md5 of a file's bytes: what DVC 3 records for it inside data/prepared's .dir listing."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# the split files a stage reads -> MLflow's dataset context for them
+DATA_CONTEXTS = {"train.jsonl": "training", "val.jsonl": "validation", "test.jsonl": "evaluation"}
+
+
+def log_data_inputs(paths: list[Path], task: str, root: str | Path = ".", versioned: bool = True) -> list[str]:
+    """Log the prepared splits a stage reads as MLflow datasets of its run (the runs table's Dataset column).
+
+    name `<task>-<split>`, digest the file's md5 (DVC's), source its path; tagged with the md5 of the whole
+    data/prepared from dvc.lock, which `dvc checkout` / `dvc pull` restores (README: Lineage). `versioned=False`
+    for the stage that writes data/prepared (DVC records its new md5 only after the stage)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    version = prepared_data_md5(root) if versioned else None
+    logged = []
+    for path in paths:
+        path = Path(path)
+        if path.name not in DATA_CONTEXTS or not path.is_file():
+            continue
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local sources, the same one
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(path.resolve()))
+        dataset = MetaDataset(source, name=f"{task}-{path.stem}", digest=file_md5(path))
+        mlflow.log_input(dataset, context=DATA_CONTEXTS[path.name],
+                         tags={"dvc.data_prepared_md5": version} if version else None)
+        logged.append(dataset.name)
+    return logged

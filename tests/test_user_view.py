@@ -1,0 +1,139 @@
+"""What a user sees after `posttrain run`: a quiet console, parent runs that compare, lineage from data to model.
+
+    .venv/bin/python -m pytest tests/test_user_view.py -q       # slow: two tiny pipeline runs (grpo, then reinforce)
+
+One workspace, two runs that differ in rl.method only; every check reads what the user would read: the
+console output, the log files, and the MLflow store through its client (what the UI shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_workspace
+from posttrain import stages
+from posttrain.console import STAGE_LINE
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _posttrain(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"))
+    env.pop("TQDM_DISABLE", None)  # a user's environment: the bars are on, and must stay off the console
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run([sys.executable, "-m", "posttrain", *args], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("user_view") / "ws")
+    for folder in ("style", "chat"):  # every task's source is a dep of prepare
+        if (ROOT / "data" / folder).exists() and not (ws / "data" / folder).exists():
+            shutil.copytree(ROOT / "data" / folder, ws / "data" / folder)
+    first = _posttrain(ws, "run")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _posttrain(ws, "run", "-S", "rl.method=reinforce")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return ws, first, second
+
+
+def _stage_lines(output: str) -> dict[str, re.Match]:
+    return {m.group(1): m for m in map(STAGE_LINE.match, output.splitlines()) if m}
+
+
+def _client(ws: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
+    return MlflowClient()
+
+
+def test_the_console_shows_one_line_per_stage_and_the_logs_hold_the_rest(two_runs):
+    ws, first, second = two_runs
+    printed = (first.stdout + first.stderr).splitlines()
+    assert len(printed) <= 40, "\n".join(printed)
+    noise = ("gemm_4bit_forward", "LOAD REPORT", "To enable auto staging", "Calculating Metrics", "Map:",
+             "Loading weights", "Traceback", "| INFO ", "FutureWarning")
+    assert not [line for line in printed if any(n in line for n in noise)], "\n".join(printed)
+    lines = _stage_lines(first.stdout)
+    assert list(lines) == [s.name for s in stages.STAGES] and {m.group(2) for m in lines.values()} == {"ran"}
+    assert re.match(r"\d+ train / \d+ val / \d+ test", lines["prepare"].group(4))
+    assert lines["sft"].group(4).startswith("loss ") and "on 6 items" in lines["eval_rl"].group(4)
+
+    again = _stage_lines(second.stdout)  # only rl.method changed: DVC reuses what it does not feed
+    assert {name for name, m in again.items() if m.group(2) == "ran"} == {"reward_model", "rl", "eval_rl", "promote",
+                                                                          "report"}
+    assert again["sft"].group(4) == lines["sft"].group(4)  # a reused stage still shows its figure
+
+    logs = Path(ws / re.search(r"^stage logs: (\S+)/", first.stdout, re.M).group(1))
+    sft_log = (logs / "sft.log").read_text()
+    assert "Running stage 'sft'" in sft_log and "it/s]" in sft_log  # DVC's and the trainer's output, in the file
+
+
+def test_parent_runs_compare_params_and_carry_summary_data_hash_and_logs(two_runs):
+    ws, first, second = two_runs
+    client = _client(ws)
+    experiment = client.get_experiment_by_name("posttrain-gsm8k")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    parents = client.search_runs([experiment.experiment_id], "tags.`posttrain.pipeline` = 'true'",
+                                 order_by=["attributes.start_time ASC"])
+    assert len(parents) == 2
+    grpo, reinforce = parents
+    assert re.fullmatch(r"gsm8k-grpo-[0-9a-f]{8}", grpo.info.run_name), grpo.info.run_name
+    assert re.fullmatch(r"gsm8k-reinforce-[0-9a-f]{8}", reinforce.info.run_name), reinforce.info.run_name
+    # Compare in the UI = these params side by side: rl.method differs, and only what the override touched.
+    assert len(grpo.data.params) > 50
+    differ = {k for k in grpo.data.params if grpo.data.params[k] != reinforce.data.params.get(k)}
+    assert differ == {"rl.method"}, differ
+    lock = __import__("yaml").safe_load((ws / "dvc.lock").read_text())
+    prepared = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert grpo.data.params["data.prepared_md5"] == reinforce.data.params["data.prepared_md5"] == prepared
+    for run in parents:
+        assert {"base_accuracy_flexible", "rl_accuracy_flexible", "promoted"} <= set(run.data.metrics)
+        note = run.data.tags["mlflow.note.content"]
+        assert "model" in note and "gate:" in note and "flexible" in note
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"summary.txt", "summary.json", "dvc.lock", "params.yaml", "logs"} <= artifacts, artifacts
+        logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
+        assert "logs/rl.log" in logs and "logs/promote.log" in logs
+
+
+def test_stage_runs_log_their_data_as_datasets_with_the_dvc_hash(two_runs):
+    import hashlib
+
+    ws, _, _ = two_runs
+    client = _client(ws)
+    experiment = client.get_experiment_by_name("posttrain-gsm8k")
+    runs = client.search_runs([experiment.experiment_id], "tags.`posttrain.stage` = 'sft'")
+    lock = __import__("yaml").safe_load((ws / "dvc.lock").read_text())
+    prepared = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    inputs = {i.dataset.name: i for i in runs[0].inputs.dataset_inputs}
+    train = inputs["gsm8k-train"]
+    assert train.dataset.digest == hashlib.md5((ws / "data/prepared/train.jsonl").read_bytes()).hexdigest()
+    assert str(ws / "data/prepared/train.jsonl") in train.dataset.source
+    tags = {t.key: t.value for t in train.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["dvc.data_prepared_md5"] == prepared
+    evals = client.search_runs([experiment.experiment_id], "tags.`posttrain.stage` = 'eval_rl'")
+    assert "gsm8k-test" in {i.dataset.name for i in evals[0].inputs.dataset_inputs}
+
+    # From the model version to its run, to the data hash.
+    version = client.get_model_version("gsm8k-policy", "2")
+    promote_run = client.get_run(version.run_id)
+    parent = client.get_run(promote_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.params["data.prepared_md5"] == prepared and parent.data.params["rl.method"] == "reinforce"
+    assert version.tags["gate.decision"] in ("promoted", "rejected") and "gate.ci_low" in version.tags
+    decision = json.loads((ws / "reports/promotion.json").read_text())
+    aliases = client.get_registered_model("gsm8k-policy").aliases or {}
+    assert ("champion" in aliases) is any(
+        client.get_model_version("gsm8k-policy", v).tags["gate.decision"] == "promoted" for v in ("1", "2"))
+    assert decision["model_version"] in (2, "2")
