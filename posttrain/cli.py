@@ -229,13 +229,115 @@ def _one_run_at_a_time():
     return ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
 
 
+def _local_prefect_server():
+    """A real Prefect server (API + scheduler) on 127.0.0.1, its state in $PREFECT_HOME (the workspace's .prefect/):
+    Prefect's temporary server cannot run schedules. A context that yields its API URL and stops it on exit."""
+    import contextlib
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    @contextlib.contextmanager
+    def server():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        home = Path(os.environ["PREFECT_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        log = home / "server.log"
+        prefect = Path(sys.executable).parent / "prefect"
+        with log.open("w") as handle:
+            proc = subprocess.Popen([str(prefect if prefect.exists() else "prefect"), "server", "start",
+                                     "--host", "127.0.0.1", "--port", str(port)],
+                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise ConfigError(f"could not start a local Prefect server (its log: {log}); start one with "
+                                      "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL="
+                                      "http://127.0.0.1:4200/api")
+                time.sleep(0.5)
+            print(f"started a local Prefect server with its scheduler at {url.removesuffix('/api')} (state in {home}, "
+                  f"log {log}); it stops with serve. PREFECT_API_URL picks another server", flush=True)
+            _LOCAL_SERVER.append(proc)
+            yield url
+        finally:
+            if proc in _LOCAL_SERVER:
+                _LOCAL_SERVER.remove(proc)
+            _stop_group(proc)
+
+    return server()
+
+
+_LOCAL_SERVER: list = []  # the local Prefect server's process while serve runs
+
+
+def _server_pids() -> set[int]:
+    from posttrain.lifecycle import descendants
+
+    return {pid for proc in _LOCAL_SERVER for pid in (proc.pid, *descendants(proc.pid))}
+
+
+def _stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM these processes, SIGKILL the ones left after `grace` seconds."""
+    import signal
+    import time
+
+    from posttrain.lifecycle import _signal_all, process_start
+
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(process_start(pid) for pid in pids):
+        time.sleep(0.2)
+    _signal_all([pid for pid in pids if process_start(pid)], signal.SIGKILL)
+
+
 def cmd_serve(args) -> int:
-    from flows.pipeline import pipeline
+    import contextlib
+    import threading
+
+    from posttrain.lifecycle import Stopped, descendants, stop_on_signals
 
     parameters = _deployment_parameters(args)
-    print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop); "
-          "PREFECT_API_URL picks the server, none starts a local one")
-    pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=_one_run_at_a_time())
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            # Before prefect is imported: its settings (and the flow runs serve starts) read the variable.
+            os.environ["PREFECT_API_URL"] = stack.enter_context(_local_prefect_server())
+        from flows.pipeline import pipeline
+
+        print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop)", flush=True)
+        # Prefect's runner, in the main thread, answers SIGTERM with sys.exit and leaves its flow runs running
+        # (3.8: "coroutine 'Runner.astop' was never awaited"). In a thread it installs no handler: this one stops
+        # the flow runs it started (their stages end their MLflow runs KILLED), then the local server.
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=_one_run_at_a_time())
+            except BaseException as err:  # noqa: BLE001 - reported by the main thread
+                failure.append(err)
+
+        thread = threading.Thread(target=serve, name="prefect-serve", daemon=True)
+        thread.start()
+        try:
+            with stop_on_signals(forward_to_children=False):
+                while thread.is_alive():
+                    thread.join(0.5)
+        except Stopped as stop:
+            server_pids = _server_pids()
+            runs = [pid for pid in descendants(os.getpid()) if pid not in server_pids]
+            _stop_pids(runs)
+            print(f"posttrain serve: {stop}: stopped {len(runs)} flow-run process(es) and the schedule", file=sys.stderr)
+            return 128 + stop.signum
+        if failure:
+            raise failure[0]
     return 0
 
 
