@@ -12,6 +12,7 @@ streams every stage's output to the console as well.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -162,7 +163,11 @@ def run_stage_logged(name: str, command: list[str], log: Path, *, cwd, env, show
                 state = _bar(live.progress) if live.progress else "running"
                 sys.stdout.write(f"\r\x1b[K{name:<13}{time.monotonic() - started:>5.0f}s  {state}")
                 sys.stdout.flush()
-            reader.join(0.5)
+            if reader.is_alive():
+                reader.join(0.5)
+            else:  # its output closed: it is exiting
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(0.5)
         reader.join(5)
         if tty:
             sys.stdout.write("\r\x1b[K")
