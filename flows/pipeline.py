@@ -120,6 +120,9 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
                 if data_md5:  # lineage: `dvc checkout` with this run's dvc.lock restores exactly this data
                     mlflow.log_param("data.prepared_md5", data_md5)
                     mlflow.log_artifact(str(Path(root) / "dvc.lock"))
+                    # the runs table's Dataset column shows the data version on the parent row too
+                    tracking.log_data_inputs([Path(root) / stages.PREPARED / name for name in tracking.DATA_CONTEXTS],
+                                             params.data.task, root)
             result = summary.collect(root)
             mlflow.log_metrics(summary.numeric(result))
             mlflow.set_tag("gate.decision", result.get("gate", {}).get("decision", "n/a"))

@@ -100,7 +100,7 @@ def render(result: dict) -> str:
         m = result["mlflow"]
         lines.append("")
         lines.append(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
-        lines.append("        open it with: posttrain ui")
+        lines.append("        open it with: posttrain ui (it prints the address of the runs table)")
     return "\n".join(lines)
 
 
