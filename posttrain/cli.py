@@ -6,6 +6,7 @@
     posttrain stage sft                    # one stage (what `dvc repro` runs)
     posttrain eval models/sft              # evaluate any model folder
     posttrain gate                         # exit 1 unless the last candidate was promoted
+    posttrain gc --keep 3                  # delete old registered versions and unused DVC cache (asks first)
     posttrain ui                           # MLflow UI on the local store
 """
 
@@ -95,6 +96,12 @@ def cmd_eval(args) -> int:
 
     params = load_params("params.yaml", overrides=args.set or [])
     task = registry.get(params.data.task)
+    if args.model.startswith("models:/"):  # a registered version: this workspace's registry unless MLFLOW_TRACKING_URI
+        import mlflow
+
+        from posttrain.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri("."))
     model, tokenizer = load_model(args.model, params.eval.dtype)
     questions = read_jsonl(args.questions)
     task.check_eval_records(questions)  # malformed items: one line naming file:line, before any generation
@@ -104,6 +111,39 @@ def cmd_eval(args) -> int:
     if args.records:
         write_jsonl(args.records, records)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_gc(args) -> int:
+    import mlflow
+
+    from posttrain import gc
+    from posttrain.config import load_params
+    from posttrain.lifecycle import workspace_lock
+    from posttrain.tracking import tracking_uri
+
+    if args.keep < 0:
+        raise ConfigError(f"--keep must be >= 0, got {args.keep}")
+    name = args.name or load_params("params.yaml").promote.registered_model
+    mlflow.set_tracking_uri(tracking_uri("."))
+    client = mlflow.MlflowClient()
+    with workspace_lock(".", wait=0):  # not under a running pipeline: its outputs are not in dvc.lock yet
+        listed = gc.plan(client, name, args.keep)
+        print(gc.render(listed))
+        if listed.empty:
+            print("nothing to delete")
+            return 0
+        if not args.yes:
+            try:
+                answer = input("delete these? [y/N] ")
+            except EOFError:
+                answer = ""
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
+        done = gc.execute(client, listed, args.keep)
+    print(f"deleted {len(done.delete)} registered versions, {len(done.caches)} local downloads and "
+          f"{len(done.objects)} DVC cache objects ({sum(size for _, size in done.objects) / 1e6:.1f} MB)")
     return 0
 
 
@@ -408,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="greedy evaluation of a model folder on the task's items (data.task) under "
                                      "params.yaml's eval protocol")
-    ev.add_argument("model", help="a local Hugging Face model folder")
+    ev.add_argument("model", help="a model folder (plain, or an adapter folder such as models/rl) or a registered "
+                                  "version: models:/<name>/<version> or models:/<name>@<alias>")
     ev.add_argument("--questions", default="data/prepared/test.jsonl",
                     help="JSONL of the task's prepared items, e.g. question/answer for gsm8k (default: %(default)s)")
     ev.add_argument("--judge", default="models/judge",
@@ -416,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--records", help="write per-question records to this JSONL file")
     ev.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override an eval param for this call only")
     ev.set_defaults(func=cmd_eval)
+
+    gc = sub.add_parser("gc", help="delete registered versions but the champion and the last N, and DVC cache "
+                                   "entries the workspace does not use, after confirming")
+    gc.add_argument("--keep", type=int, default=3, metavar="N",
+                    help="newest versions to keep besides those holding an alias (default: %(default)s)")
+    gc.add_argument("--yes", action="store_true", help="delete without asking (without it, a 'no' exits 1)")
+    gc.add_argument("--name", help="registered model (default: promote.registered_model from params.yaml)")
+    gc.set_defaults(func=cmd_gc)
 
     gate = sub.add_parser("gate", help="print the last gate decision; exit 0 if promoted, 1 if rejected")
     gate.add_argument("--report", default="reports/promotion.json", help="decision file (default: %(default)s)")

@@ -65,6 +65,7 @@ def _model_folder(folder: Path, params, root: Path) -> tuple[dict, list[dict]]:
 
 
 def load_side(spec: str, params, root: Path = Path(".")) -> Side:
+    from posttrain.modelstore import is_model_folder
     from tasks.promote import read_eval
 
     metric = params.promote.metric
@@ -73,7 +74,7 @@ def load_side(spec: str, params, root: Path = Path(".")) -> Side:
         metrics, records = _registered(spec, metric)
     elif (path / "metrics.json").exists():
         metrics, records = read_eval(path, metric)
-    elif (path / "config.json").exists():
+    elif is_model_folder(path):  # a plain HF folder, or an adapter folder such as models/rl
         metrics, records = _model_folder(path, params, root)
     else:
         raise DataError(f"{spec}: neither an eval report folder (metrics.json), a model folder (config.json) nor "

@@ -23,7 +23,6 @@ import torch
 
 from posttrain.config import EvalConfig
 from posttrain.gsm8k import has_final_answer_line
-from posttrain.io import require_safetensors
 from posttrain.prompts import digest, prompt_text, protocol
 from posttrain.tasks.gsm8k import AnswerLineStop  # the default stop rule (GSM8K's)
 
@@ -127,13 +126,18 @@ def generate_straightforward(model, tokenizer, prompts: list[str], max_new_token
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model folder (plain, or an adapter rebuilt on the model it adapts) or a registered version
+    (models:/<name>/<version>, models:/<name>@<alias>: downloaded once, rebuilt the same way)."""
+    from transformers import AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").exists():
+    from posttrain import modelstore
+
+    if str(model_dir).startswith("models:/"):
+        model_dir = modelstore.fetch_registered(str(model_dir))
+    if not modelstore.is_model_folder(model_dir):
         raise FileNotFoundError(f"model folder '{model_dir}' not found (or it has no config.json)")
-    require_safetensors(model_dir)
+    model = modelstore.load_causal_lm(model_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True)
     model.eval()
     if torch.cuda.is_available():
         model.to("cuda")

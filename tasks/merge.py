@@ -9,6 +9,7 @@ from pathlib import Path
 
 from posttrain.config import Params
 from posttrain.io import DataError, atomic_path, read_json, require_safetensors
+from posttrain.modelstore import write_lineage
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -70,10 +71,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path):
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, made_from: tuple[Path, Path] | None = None) -> Path:
+    """made_from: (base, adapter) folders, recorded so promote can register the adapter instead of this copy."""
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if made_from:
+            write_lineage(tmp, *made_from)
     return Path(out_dir)
 
 
@@ -81,4 +85,5 @@ def run(params: Params, base_dir: str | Path, adapter_dir: str | Path, out_dir: 
     from transformers import AutoTokenizer
 
     merged = merge_adapter(base_dir, adapter_dir)
-    return {"model": save_model(merged, AutoTokenizer.from_pretrained(adapter_dir), out_dir)}
+    return {"model": save_model(merged, AutoTokenizer.from_pretrained(adapter_dir), out_dir,
+                                made_from=(Path(base_dir), Path(adapter_dir)))}

@@ -147,6 +147,28 @@ def remember_champion_eval(cache_dir: Path, version: str, metrics: dict, candida
             shutil.copy(Path(candidate_eval) / name, tmp / name)
 
 
+def log_model_files(candidate_dir: Path, base_source: str) -> dict | None:
+    """Log the candidate under the run's `model/`: its adapters and a pointer to the base model when it is
+    an adapter folder (posttrain/modelstore.py: a few MB), else the folder as it is. Returns the pointer."""
+    import mlflow
+
+    from posttrain.modelstore import pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = pack(candidate_dir, Path(tmp) / "model", source=base_source)
+        mlflow.log_artifacts(str(Path(tmp) / "model") if base else str(candidate_dir), artifact_path="model")
+    return base
+
+
+def base_tags(base: dict | None) -> dict[str, str]:
+    """What `posttrain gc` must keep for a version to load: the base's sha256 and its DVC cache entry."""
+    from posttrain.modelstore import TAG_BASE_DVC, TAG_BASE_SHA
+
+    if not base:
+        return {}
+    return {TAG_BASE_SHA: base["sha256"], **({TAG_BASE_DVC: base["dvc_md5"]} if base.get("dvc_md5") else {})}
+
+
 def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, base_eval: str | Path,
         sft_eval: str | Path, cache_dir: Path = CACHE_DIR, register: bool = True) -> dict:
     import mlflow
@@ -192,12 +214,13 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "MODEL_CARD.md").write_text(card)
                 mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"), artifact_path="model")
-            mlflow.log_artifacts(str(candidate_dir), artifact_path="model")
+            base = log_model_files(Path(candidate_dir), params.base.source)
             for small in EVAL_FILES:
                 mlflow.log_artifact(str(candidate_eval / small), artifact_path="eval")
-            # The model is a plain HF folder of artifacts, not an MLflow "logged model": register it by location.
+            # The model is a folder of artifacts, not an MLflow "logged model": register it by location.
             model_version = client.create_model_version(
-                cfg.registered_model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=identity
+                cfg.registered_model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                tags=identity | base_tags(base),
             )
         else:
             print(f"promote: version {model_version.version} already registers this candidate for this run: reusing it")

@@ -11,7 +11,8 @@ draft:     posttrain/draft.py, LM loss - beta * reward of a frozen encoder RM fe
 hybrid:    posttrain/hybrid.py, SFT and RL steps alternating on one adapter (rl.hybrid + rl.training).
 ppo:       posttrain/ppo.py, TRL PPOTrainer with an LM reward model (reward_model.kind: pairwise or mlp_head)
            as reward and value model's start, plus rl.rewards rule terms, KL to the adapter-free policy (rl.ppo).
-The LoRA/DoRA adapter a method trains is merged into the SFT model, so the output is a plain HF folder.
+The output is the LoRA/DoRA adapter a method trains and a pointer to the SFT model it adapts (sha256 checked),
+not a merged copy; posttrain/modelstore.py rebuilds the merged model wherever one is loaded.
 """
 
 from __future__ import annotations
@@ -111,8 +112,6 @@ def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: 
         checkpoint_dir: str | Path = "checkpoints/rl") -> dict:
     import shutil
 
-    from safetensors.torch import save_file
-
     if params.rl.method not in METHODS:
         raise ValueError(f"rl.method: unknown method {params.rl.method!r}; known: {list(METHODS)}")
     dataset = build_dataset(read_jsonl(train_path), params)
@@ -121,16 +120,29 @@ def run(params: Params, train_path: str | Path, model_dir: str | Path, out_dir: 
     from posttrain import distributed
 
     if not distributed.is_main():
-        return {"model": Path(out_dir)}  # under a launcher rank 0 merges, writes the output and cleans up
-    merged = policy.merge_and_unload()
+        return {"model": Path(out_dir)}  # under a launcher rank 0 writes the output and cleans up
+    save_policy(policy, Path(model_dir), out_dir, tokenizer, history, extra[0] if extra else {})
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return {"model": Path(out_dir)}
+
+
+def save_policy(policy, model_dir: Path, out_dir: str | Path, tokenizer, history, files: dict) -> Path:
+    """The adapter and a pointer to the model it adapts (posttrain/modelstore.py), not a merged copy:
+    `posttrain eval models/rl` and the eval stage rebuild the merged model from them. A policy without
+    an adapter is saved whole."""
+    from safetensors.torch import save_file
+
+    from posttrain.modelstore import write_pointer
+
     with atomic_path(out_dir, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        for name, tensors in (extra[0] if extra else {}).items():
+        policy.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(policy, "peft_config"):
+            write_pointer(tmp, model_dir)
+        for name, tensors in files.items():
             save_file(tensors, str(tmp / name))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_log.json", history)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return {"model": Path(out_dir)}
+    return Path(out_dir)
 
 
 def metrics(out_dir: str | Path) -> dict[str, float]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from posttrain import draft
+from posttrain.modelstore import save_merged
 from tasks import reward_model, rl
 
 
@@ -88,7 +89,9 @@ def test_draft_stage_trains_policy_and_projection(params, prepared, tiny_base, e
     p = dataclasses.replace(p, rl=dataclasses.replace(p.rl, lora=p.rl.lora | {"use_dora": use_dora}))
     out = rl.run(p, prepared / "train.jsonl", tiny_base, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
 
-    before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    merged = save_merged(out, tmp_path / "merged")  # the rl stage keeps an adapter: rebuild the model
+
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(merged / "model.safetensors")
     assert [k for k in before if not torch.equal(before[k], after[k])], "DRaFT left every weight unchanged"
     projection = load_file(out / draft.PROJECTION_FILE)
     rm_hidden = json.loads((encoder_rm / "config.json").read_text())["hidden_size"]

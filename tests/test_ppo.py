@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from posttrain.io import read_jsonl
+from posttrain.modelstore import save_merged
 from tasks import reward_model, rl
 
 
@@ -196,7 +197,8 @@ def test_ppo_stage_updates_the_policy_and_logs_reward_and_kl(params, prepared, t
     rm_before = folder_hash(pairwise_rm)
     p = ppo_params(params, pairwise_rm)
     out = rl.run(p, prepared / "train.jsonl", tiny_base, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
-    before, after = load_file(tiny_base / "model.safetensors"), load_file(out / "model.safetensors")
+    merged = save_merged(out, tmp_path / "merged")  # the rl stage keeps an adapter: rebuild the model
+    before, after = load_file(tiny_base / "model.safetensors"), load_file(merged / "model.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "PPO left every weight unchanged"
     assert folder_hash(pairwise_rm) == rm_before  # the reward model is read, never written

@@ -112,8 +112,10 @@ def test_sigkill_during_grpo_resumes_from_checkpoint_and_matches(tmp_path):
 
     clean = make_workspace(tmp_path / "clean", GRPO_SETTINGS)
     assert repro(clean, "rl").returncode == 0
-    resumed = load_file(ws / "models/rl/model.safetensors")
-    uninterrupted = load_file(clean / "models/rl/model.safetensors")
+    from posttrain.modelstore import save_merged  # models/rl is an adapter on models/sft: rebuild both models
+
+    resumed = load_file(save_merged(ws / "models/rl", tmp_path / "resumed") / "model.safetensors")
+    uninterrupted = load_file(save_merged(clean / "models/rl", tmp_path / "uninterrupted") / "model.safetensors")
     sft = load_file(ws / "models/sft/model.safetensors")
     assert max((resumed[k] - sft[k]).abs().max().item() for k in sft) > 1e-3  # GRPO did move the weights
     assert resumed.keys() == uninterrupted.keys()

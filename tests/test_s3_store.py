@@ -102,14 +102,14 @@ def test_pipeline_against_s3_dvc_remote_and_mlflow_artifact_store(tmp_path, s3):
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint  # download below runs in this process
     try:
         mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
-        fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/model.safetensors",
+        fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/adapter_model.safetensors",
                                                            dst_path=str(tmp_path / "fetched")))
     finally:
         os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
-    assert _sha(fetched) == _sha(ws / "models" / "rl" / "model.safetensors")  # the registered model is the rl output
+    assert _sha(fetched) == _sha(ws / "models" / "rl" / "adapter_model.safetensors")  # the registered adapter is the rl output
 
     # DVC: push every stage output, lose cache and outputs, pull them back byte for byte.
-    outputs = [ws / "models" / "rl" / "model.safetensors", ws / "models" / "sft_adapter" / "adapter_model.safetensors",
+    outputs = [ws / "models" / "rl" / "adapter_model.safetensors", ws / "models" / "sft_adapter" / "adapter_model.safetensors",
                ws / "models" / "base" / "model.safetensors", ws / "data" / "prepared" / "train.jsonl",
                ws / "reports" / "eval" / "rl" / "records.jsonl"]
     before = {path: _sha(path) for path in outputs}

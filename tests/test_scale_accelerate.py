@@ -141,7 +141,7 @@ def test_sft_and_grpo_train_on_two_ranks_and_rank_zero_alone_writes(tmp_path):
     assert "launching stage rl:" in out and out.count("stage rl: rank 1/2 done") == 1
     rl_log = json.loads((ws / "models" / "rl" / "train_log.json").read_text())
     assert [e["step"] for e in rl_log if "reward" in e] == [1, 2]
-    assert (ws / "models" / "rl" / "model.safetensors").exists() and not (ws / "checkpoints" / "rl").exists()
+    assert (ws / "models" / "rl" / "adapter_model.safetensors").exists() and not (ws / "checkpoints" / "rl").exists()
     assert (ws / "reports" / "rl.json").exists()
     _, rl_runs = _stage_runs(ws, "rl")
     assert len(rl_runs) == 1 and rl_runs[0].data.tags["posttrain.world_size"] == "2"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from posttrain.tasks import gsm8k as gsm8k_task
+from posttrain.modelstore import save_merged
 from tasks import base, merge, reward_model, rl, sft
 
 
@@ -152,7 +153,8 @@ def test_grpo_updates_the_policy(params, prepared, merged_sft, tmp_path):
     out = rl.run(p, prepared / "train.jsonl", model_dir, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
     from safetensors.torch import load_file
 
-    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    merged = save_merged(out, tmp_path / "merged")  # the rl stage keeps an adapter: rebuild the model
+    before, after = load_file(model_dir / "model.safetensors"), load_file(merged / "model.safetensors")
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "GRPO left every weight unchanged"
     log = json.loads((out / "train_log.json").read_text())
@@ -213,7 +215,8 @@ def test_reinforce_updates_the_policy_with_kl_to_the_reference(params, prepared,
     out = rl.run(p, prepared / "train.jsonl", model_dir, tmp_path / "rl", checkpoint_dir=tmp_path / "ckpt")["model"]
     from safetensors.torch import load_file
 
-    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    merged = save_merged(out, tmp_path / "merged")  # the rl stage keeps an adapter: rebuild the model
+    before, after = load_file(model_dir / "model.safetensors"), load_file(merged / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     log = json.loads((out / "train_log.json").read_text())
     assert [e["step"] for e in log] == [1, 2] and all("kl" in e and "reward" in e for e in log)
