@@ -202,7 +202,8 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
     from posttrain.prompts import prompt_text, reply_text
 
     cfg, task = params.reward_model, registry.get(params.data.task)
-    preferences = read_jsonl(preferences_path) if preferences_path and Path(preferences_path).exists() else []
+    has_pairs = preferences_path and Path(preferences_path).exists() and Path(preferences_path).stat().st_size > 0
+    preferences = read_jsonl(preferences_path) if has_pairs else []  # empty: the task has no preference data
     pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
     train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
                                                cfg.n_examples, params.seed)

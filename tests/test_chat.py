@@ -534,3 +534,28 @@ def test_chat_run_end_to_end_through_dvc_repro_and_the_gate(tmp_path):
     lines = {line.split(":", 1)[0]: line for line in summary.stdout.splitlines() if ":" in line}
     assert "val_pairwise_accuracy" in lines["reward model"] and "val_pairwise_accuracy" in lines["judge"]
     assert "margin" in summary.stdout and "words" in summary.stdout
+
+
+@pytest.mark.slow
+def test_without_a_preference_file_rejected_replies_are_seeded_base_samples(tiny_base, tmp_path):
+    """data.chat.preferences "": chosen = the reference output, rejected = a base-model sample drawn with
+    params.seed (recorded); the reward model and the judge learn from disjoint instructions."""
+    from tasks import judge, prepare, reward_model
+
+    params = chat_tiny_params(tmp_path, 'data.chat.preferences=""', "reward_model.n_examples=8",
+                              "reward_model.mlp_head.sample_max_new_tokens=6")
+    prepared = prepare.run(params, tmp_path / "prepared") | {"preferences": tmp_path / "prepared/preferences.jsonl"}
+    assert prepared["preferences"].read_text() == "" and "preferences" not in json.loads(
+        prepared["report"].read_text())["splits"]
+    runs = {}
+    for name, stage in (("rm", reward_model), ("rm_again", reward_model), ("judge", judge)):
+        out = stage.run(params, prepared["train"], prepared["val"], tmp_path / name, base_dir=tiny_base,
+                        preferences_path=prepared["preferences"])["model"]
+        runs[name] = (json.loads((out / "eval.json").read_text()), read_jsonl(out / "sampled_pairs.jsonl"))
+    evaluation, sampled = runs["rm"]
+    assert evaluation["sample_seed"] == params.seed and evaluation["sampled_rejected"] == len(sampled)
+    assert evaluation["n_train_pairs"] == 4 and evaluation["pairs_from"] == "reference outputs over base-model samples"
+    assert all(s["sampled"] and s["chosen"] != s["rejected"] for s in sampled)
+    assert runs["rm_again"][1] == sampled  # the same seed draws the same samples
+    assert not {s["user"] for s in sampled} & {s["user"] for s in runs["judge"][1]}
+    assert runs["judge"][0]["role"] == "judge"
