@@ -45,7 +45,7 @@ run: install  ## install, then run the whole quick pipeline and print its summar
 test: install  ## every test, slow ones included (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast: install  ## unit tests only
+test-fast: install  ## the tests not marked slow: no training, no pipeline run (under 3 minutes)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install  ## evaluator speed benchmark -> bench/results/eval.json

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny models built from a config, GSM8K from the in-repo data/gsm8k, temp workspaces."""
+"""Shared fixtures: tiny models built from a config, GSM8K from the in-repo data/gsm8k, temp workspaces.
+
+Tiers (pyproject.toml [tool.pytest.ini_options] markers): `make test-fast` runs the tests not marked `slow`
+and must train nothing. A test without the mark that takes an optimizer step (a Trainer run, a TRL trainer,
+the RL loops, a stage that trains), in its setup or its body, fails with a message saying so.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,49 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- the fast tier trains nothing
+
+
+class TrainingInFastTier(AssertionError):
+    pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _no_training(item, "setup (a fixture)"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _no_training(item, "the test body"):
+        return (yield)
+
+
+class _no_training:
+    """Any torch optimizer step during a test not marked `slow` raises TrainingInFastTier."""
+
+    def __init__(self, item, phase: str):
+        self.item, self.phase, self.handle = item, phase, None
+
+    def __enter__(self):
+        if self.item.get_closest_marker("slow") is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            def refuse(optimizer, args, kwargs):
+                raise TrainingInFastTier(
+                    f"{self.item.nodeid}: {type(optimizer).__name__}.step() in {self.phase}, but the test is not "
+                    "marked slow. Training belongs in the slow tier (@pytest.mark.slow): `make test-fast` trains nothing.")
+
+            self.handle = register_optimizer_step_pre_hook(refuse)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+        return False
 
 
 def tiny_params(tmp_path: Path | None = None, **section_overrides):

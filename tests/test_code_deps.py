@@ -1,5 +1,6 @@
 """Every stage depends on the code it runs: its task module and the project modules that imports."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,8 +16,13 @@ DVC = str(Path(sys.executable).parent / "dvc")
 EVALS = {"eval_base", "eval_sft", "eval_rl"}
 
 
+@functools.cache
+def _dvc_stages() -> dict:
+    return stages.dvc_stages()  # every stage's import closure: computed once, not once per deps_of call
+
+
 def deps_of(name: str) -> set[str]:
-    return set(stages.dvc_stages()[name]["deps"])
+    return set(_dvc_stages()[name]["deps"])
 
 
 def test_stage_deps_follow_the_imports_of_the_task_module():

@@ -27,6 +27,17 @@ def draft_params(params, encoder_rm, **draft_fields):
     return dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="draft", draft=cfg))
 
 
+@pytest.fixture(scope="module")
+def untrained_encoder_rm(params, tmp_path_factory):
+    """The reward_model stage's tiny encoder with its one-logit head, as built before training and saved as the
+    stage saves it: for what does not depend on trained weights (where gradients flow)."""
+    out = tmp_path_factory.mktemp("draft") / "untrained_reward_model"
+    model, tokenizer = reward_model.load_encoder("tiny", params.seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def test_beta_ramps_linearly_from_zero():
     assert [draft.beta_at(s, 2.0, 4) for s in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
     assert draft.beta_at(0, 2.0, 0) == 2.0
@@ -47,7 +58,7 @@ def test_soft_tokens_cover_only_the_response_and_are_cut_to_the_encoder_length()
     assert set(hard[0, :4].sum(-1).tolist()) == {1.0} and set(hard.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_gradients_reach_adapters_and_projection_but_not_the_frozen_reward_model(tiny_base, encoder_rm):
+def test_gradients_reach_adapters_and_projection_but_not_the_frozen_reward_model(tiny_base, untrained_encoder_rm):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +70,7 @@ def test_gradients_reach_adapters_and_projection_but_not_the_frozen_reward_model
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    rm = draft.load_reward_model(encoder_rm)
+    rm = draft.load_reward_model(untrained_encoder_rm)
     reward = draft.SoftTokenReward(rm, policy.get_input_embeddings().weight.shape[1])
     input_ids = torch.randint(3, 50, (2, 10))
     labels = input_ids.clone()

@@ -9,6 +9,7 @@ import torch
 @pytest.mark.parametrize("optim, expected", [("adamw_torch", "torch.optim.adamw.AdamW"),
                                              ("adamw_bnb_8bit", "bitsandbytes 8-bit"),
                                              ("paged_adamw_8bit", "bitsandbytes 8-bit paged"), ("sgd", "torch.optim.sgd.SGD")])
+@pytest.mark.slow  # optimizer steps: training, however small
 def test_optimizer_and_schedule_by_name_take_a_step(optim, expected, tmp_path):
     from trl import GRPOConfig
 
@@ -64,6 +65,7 @@ def _one_step(optimizer, scheduler, trainable):
     ("adagrad_32bit", "Adagrad32bit", {}), ("sgd_8bit", "SGD8bit", {"momentum": 0.9}),
     ("adamw_32bit", "AdamW32bit", {"weight_decay": 0.1}),
 ])
+@pytest.mark.slow  # optimizer steps: training, however small
 def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tmp_path):
     import bitsandbytes.optim
 
@@ -94,6 +96,7 @@ def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tm
     ("cyclic", "CyclicLR", {"base_lr": 1e-3, "max_lr": 1e-2, "step_size_up": 2}, [5.5e-3, 1e-2, 5.5e-3, 1e-3]),
     ("none", "LambdaLR", {}, [1e-2] * 4),
 ])
+@pytest.mark.slow  # optimizer steps: training, however small
 def test_seed_schedule_names_build_the_torch_class(name, cls, kwargs, lrs, tmp_path):
     from posttrain import optim
 
@@ -124,6 +127,7 @@ def test_unknown_names_and_kwargs_are_refused(tmp_path):
     optim.check_names({"name": "paged_adam_8bit", "kwargs": {"betas": [0.9, 0.95]}}, {"name": "cosine"})
 
 
+@pytest.mark.slow  # optimizer steps: training, however small
 def test_cosine_with_min_lr_gets_its_kwargs_and_plateau_waits_for_a_metric(tmp_path):
     from posttrain import optim
 
@@ -146,6 +150,7 @@ def test_cosine_with_min_lr_gets_its_kwargs_and_plateau_waits_for_a_metric(tmp_p
     assert optim.current_lr(optimizer) == pytest.approx(5e-3)  # the reward fell once: halved
 
 
+@pytest.mark.slow  # optimizer steps: training, however small
 def test_gradient_accumulation_over_k_micro_batches_equals_one_k_times_batch(tmp_path):
     """REINFORCE's step with SGD: 3 micro-batches of 2 rows move the weights as one batch of 6 rows."""
     import copy

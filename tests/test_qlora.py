@@ -57,6 +57,7 @@ def test_unknown_quantization_is_a_one_line_error_naming_file_line_and_field(tin
         load_causal_lm(tiny_base, "3bit", field="sft.quantization")
 
 
+@pytest.mark.slow
 def test_qlora_sft_trains_the_adapter_on_a_4bit_base(params, prepared, tiny_base, tmp_path, monkeypatch):
     from peft import PeftModel
     from safetensors.torch import load_file

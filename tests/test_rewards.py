@@ -97,6 +97,7 @@ def test_perplexity_is_the_lms_mean_token_log_probability(tiny_lm):
         one("perplexity")
 
 
+@pytest.mark.slow
 def test_verifier_reward_reads_the_trained_reward_model(params, tmp_path):
     from tasks import reward_model
     from verifier_case import held_out_pairs, verifier_params, write_splits

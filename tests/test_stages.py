@@ -66,6 +66,7 @@ def sft_adapter(sft_run):
     return sft_run[0]
 
 
+@pytest.mark.slow
 def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_base, sft_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -105,6 +106,7 @@ def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_ba
     assert "2+2=4" in completion and "What is 2+2?" not in completion
 
 
+@pytest.mark.slow
 def test_dora_variant_trains(params, prepared, tiny_base, tmp_path):
     from safetensors.torch import load_file
 
@@ -131,6 +133,7 @@ def merged_sft(params, tiny_base, sft_adapter, session_dir):
     return merge.run(params, tiny_base, sft_adapter, session_dir / "sft")["model"]
 
 
+@pytest.mark.slow
 def test_merged_logits_equal_adapter_logits(tiny_base, sft_adapter, merged_sft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -146,6 +149,7 @@ def test_merged_logits_equal_adapter_logits(tiny_base, sft_adapter, merged_sft):
     assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter did change the model
 
 
+@pytest.mark.slow
 def test_grpo_updates_the_policy(params, prepared, merged_sft, tmp_path):
     model_dir = merged_sft
     p = with_section(params, "rl", rewards={"length_penalty": 1.0, "exact_match": 1.0},
@@ -167,6 +171,7 @@ def test_unknown_rl_method_is_refused(params, prepared, tmp_path):
         rl.run(with_section(params, "rl", method="ppx"), prepared / "train.jsonl", tmp_path, tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_reward_model_is_a_safetensors_verifier_that_beats_chance_on_held_out_answers(params, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -206,6 +211,7 @@ def test_corrupted_answers_change_the_final_number():
         assert parse_number(gold_answer(wrong)) != 7.0 and "<<" not in wrong
 
 
+@pytest.mark.slow
 def test_reinforce_updates_the_policy_with_kl_to_the_reference(params, prepared, merged_sft, tmp_path):
     model_dir = merged_sft
     p = with_section(params, "rl", method="reinforce", rewards={"length_penalty": 1.0},
