@@ -7,6 +7,7 @@ the RL loops, a stage that trains), in its setup or its body, fails with a messa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -165,3 +166,42 @@ def workspace_copy(reproduced_workspace, tmp_path) -> Path:
     dest = tmp_path / "ws"
     shutil.copytree(reproduced_workspace, dest, symlinks=True, ignore=shutil.ignore_patterns(".posttrain"))
     return dest
+
+
+# --------------------------------------------------------------------------- the classifier reward model
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierRM:
+    """The classifier reward model (the `verifier`) trained by the reward_model stage on verifier_case's task."""
+
+    path: Path  # the stage's output folder (safetensors, tokenizer, eval.json)
+    train: Path
+    val: Path  # held-out questions (verifier_case.held_out_pairs)
+    length: int  # tokens in every right text
+    max_length: int  # reward_model.max_length it was trained with
+
+
+@pytest.fixture(scope="session")
+def classifier_rm(params, tmp_path_factory):
+    """classifier_rm(max_length) -> ClassifierRM: the reward_model stage (kind classifier, tiny encoder) trained
+    once per session and max_length on verifier_case's synthetic task (texts of `length` tokens; max_length
+    None means whole texts). Every test that needs a trained verifier takes it from here; only tests marked
+    slow may ask for one (it trains)."""
+    from tasks import reward_model
+    from verifier_case import verifier_params, write_splits
+
+    folder = tmp_path_factory.mktemp("classifier_rm")
+    train, val, length = write_splits(folder / "data")
+    trained: dict[int, ClassifierRM] = {}
+
+    def get(max_length: int | None = None) -> ClassifierRM:
+        max_length = max_length or length
+        if max_length not in trained:
+            out = folder / f"rm_{max_length}"
+            reward_model.run(verifier_params(params, max_length), train, val, out,
+                             checkpoint_dir=folder / f"ckpt_{max_length}")
+            trained[max_length] = ClassifierRM(out, train, val, length, max_length)
+        return trained[max_length]
+
+    return get

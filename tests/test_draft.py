@@ -13,13 +13,10 @@ from posttrain.modelstore import save_merged
 from tasks import reward_model, rl
 
 
-@pytest.fixture(scope="module")
-def encoder_rm(params, prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("draft") / "reward_model"
-    needs_it = dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="draft"))
-    reward_model.run(needs_it, prepared / "train.jsonl", prepared / "val.jsonl", out,
-                     checkpoint_dir=out.parent / "rm_ckpt")
-    return out
+@pytest.fixture
+def encoder_rm(classifier_rm):
+    """A trained classifier reward model (the session's, tests/conftest.py): only slow tests may use it."""
+    return classifier_rm(40).path
 
 
 def draft_params(params, encoder_rm, **draft_fields):

@@ -172,18 +172,17 @@ def test_unknown_rl_method_is_refused(params, prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_reward_model_is_a_safetensors_verifier_that_beats_chance_on_held_out_answers(params, tmp_path):
+def test_reward_model_is_a_safetensors_verifier_that_beats_chance_on_held_out_answers(classifier_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from verifier_case import held_out_pairs, verifier_params, write_splits
+    from verifier_case import held_out_pairs
 
-    train, val, length = write_splits(tmp_path / "data")
     # max_length 40 is shorter than every text (57 tokens): the final `#### n` line survives only because
     # the stage truncates from the left.
     max_length = 40
+    rm = classifier_rm(max_length)  # the reward_model stage on verifier_case's task (tests/conftest.py)
+    val, length, out = rm.val, rm.length, rm.path
     assert length > max_length
-    out = tmp_path / "rm"
-    reward_model.run(verifier_params(params, max_length), train, val, out, checkpoint_dir=tmp_path / "ckpt")
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     model = AutoModelForSequenceClassification.from_pretrained(out, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
