@@ -1,8 +1,10 @@
 """Kill the pipeline with SIGKILL in the middle of training (SFT, GRPO): the rerun resumes and ends where an
 uninterrupted run ends."""
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +62,18 @@ def kill_when(ws, stage, checkpoint, complete=False, timeout=300):
     proc.wait()
 
 
+def _printed_dict(line: str) -> dict | None:
+    """A metrics dict as the Trainer prints it on a line of its own (`{'loss': '1.234', ...}`), else None."""
+    line = line.strip()
+    if not (line.startswith("{'") and line.endswith("}")):
+        return None
+    try:
+        value = ast.literal_eval(line)
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 @pytest.mark.slow
 def test_sigkill_during_sft_resumes_from_checkpoint_and_matches(tmp_path):
     from safetensors.torch import load_file
@@ -69,12 +83,32 @@ def test_sigkill_during_sft_resumes_from_checkpoint_and_matches(tmp_path):
     kill_when(ws, "sft", "checkpoints/sft/checkpoint-10")
     assert not (ws / "models/sft_adapter").exists()  # nothing half-written where the output goes
     assert not [p for p in (ws / "models").iterdir() if p.name.startswith(".sft_adapter")]
+    # The checkpoint a resume must start from: the last complete one (checkpoint-10 may be half-written).
+    complete = [p for p in (ws / "checkpoints/sft").glob("checkpoint-*") if checkpoint_complete(p)]
+    assert complete, list((ws / "checkpoints/sft").iterdir())
+    checkpoint = max(complete, key=lambda p: int(p.name.split("-")[1]))
+    resumed_step = int(checkpoint.name.split("-")[1])
+    killed_log = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in killed_log if "loss" in e] == list(range(5, resumed_step + 1, 5))
 
     rerun = repro(ws, "sft")
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert "resuming SFT from" in rerun.stdout and "checkpoint-" in rerun.stdout
+    resumed = re.search(r"resuming SFT from (\S+)", rerun.stdout)
+    assert resumed and Path(resumed[1]).name == checkpoint.name, rerun.stdout[-3000:]
     assert "Running stage 'prepare'" not in rerun.stdout and "Running stage 'base'" not in rerun.stdout
     assert not (ws / "checkpoints/sft").exists()  # cleaned once the adapter is saved
+    history = json.loads((ws / "models/sft_adapter/train_log.json").read_text())
+    logged = [e for e in history if "loss" in e]
+    assert [e["step"] for e in logged] == list(range(5, 31, 5))
+    assert [e for e in history if e["step"] <= resumed_step] == killed_log  # restored from the checkpoint
+    # Training is deterministic, so a rerun that started over would log the same numbers and end with the same
+    # weights: what tells them apart is what this process trained. The Trainer prints each logging step's
+    # metrics as it logs them (ProgressCallback); the rerun must have printed only the steps after the checkpoint.
+    printed = [entry for entry in map(_printed_dict, rerun.stdout.splitlines()) if entry and "loss" in entry]
+    after = [e for e in logged if e["step"] > resumed_step]
+    assert len(printed) == len(after), (resumed_step, printed)
+    for shown, entry in zip(printed, after):
+        assert float(shown["loss"]) == pytest.approx(entry["loss"], rel=1e-3), (shown, entry)
 
     clean = make_workspace(tmp_path / "clean", SFT_SETTINGS)
     assert repro(clean, "sft").returncode == 0
