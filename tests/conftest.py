@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,25 @@ class _no_training:
         if self.handle is not None:
             self.handle.remove()
         return False
+
+
+# --------------------------------------------------------------------------- one test's MLflow store stays its own
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_stays_in_its_test():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI in os.environ, and every later subprocess (a
+    `posttrain run`, a `dvc repro`) inherits it: without this, a test that reads one workspace's store sends
+    the runs of later tests (in other workspaces) there. Restored after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        if "mlflow" in sys.modules:
+            sys.modules["mlflow"].set_tracking_uri(before)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def tiny_params(tmp_path: Path | None = None, **section_overrides):
@@ -152,20 +172,49 @@ def run_in(ws: Path, command: list[str], timeout: float = 900, **env) -> subproc
 
 @pytest.fixture(scope="session")
 def reproduced_workspace(tmp_path_factory) -> Path:
-    """The tiny pipeline reproduced once (`dvc repro`) for the whole session. Never change it: take a
-    copy with `workspace_copy` (a tiny workspace copies in well under a second)."""
+    """The tiny pipeline run once for the whole session, as a user types it: `posttrain run` (the Prefect flow,
+    each stage through `dvc repro`; progress bars on) in a fresh tiny workspace. What it printed is in
+    `ws.parent / "run.stdout"` and `"run.stderr"` (test_user_view reads the console, test_pipeline the summary).
+    Never change it: take a copy with `workspace_copy` or `copy_workspace`."""
     ws = make_workspace(tmp_path_factory.mktemp("reproduced") / "ws")
-    done = run_in(ws, [str(Path(sys.executable).parent / "dvc"), "repro"])
+    for folder in ("style", "chat"):  # every task's source is a dep of prepare
+        if (ROOT / "data" / folder).exists() and not (ws / "data" / folder).exists():
+            shutil.copytree(ROOT / "data" / folder, ws / "data" / folder)
+    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"))
+    env.pop("TQDM_DISABLE", None)  # a user's environment: the bars are on, and must stay off the console
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run([sys.executable, "-m", "posttrain", "run"], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    (ws.parent / "run.stdout").write_text(done.stdout)
+    (ws.parent / "run.stderr").write_text(done.stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return ws
 
 
+def copy_workspace(source: Path, dest: Path) -> Path:
+    """A private copy of a workspace (git, DVC cache and lock, models, reports, MLflow store, stage logs). The
+    MLflow store keeps absolute paths (the experiment's artifact folder, run artifact URIs, model version
+    sources, dataset sources, the workspace tag): they are moved to the copy, so that what runs in the copy
+    never writes into the source."""
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("run.lock"))
+    db = dest / "mlflow" / "mlflow.db"
+    if db.exists():
+        old, new = str(source.resolve()), str(dest.resolve())
+        with sqlite3.connect(db) as connection:
+            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in connection.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    name, kind = column[1], (column[2] or "").upper()
+                    if "CHAR" in kind or "TEXT" in kind:
+                        connection.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) '
+                                           f'WHERE instr("{name}", ?) > 0', (old, new, old))
+    return dest
+
+
 @pytest.fixture
 def workspace_copy(reproduced_workspace, tmp_path) -> Path:
-    """A private copy of the reproduced tiny workspace (git, DVC cache and lock, models, reports, MLflow store)."""
-    dest = tmp_path / "ws"
-    shutil.copytree(reproduced_workspace, dest, symlinks=True, ignore=shutil.ignore_patterns(".posttrain"))
-    return dest
+    """A private copy of the reproduced tiny workspace (a tiny workspace copies in well under a second)."""
+    return copy_workspace(reproduced_workspace, tmp_path / "ws")
 
 
 # --------------------------------------------------------------------------- the classifier reward model

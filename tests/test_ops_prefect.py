@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import make_workspace
+from conftest import copy_workspace, make_workspace
 from servers import BIN, background, free_port, project_env, tail, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -42,9 +42,11 @@ def prefect_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """One tiny workspace for both tests: the second run finds most stages up to date in DVC (much faster)."""
-    return make_workspace(tmp_path_factory.mktemp("prefect_ws") / "ws")
+def workspace(reproduced_workspace, tmp_path_factory):
+    """One tiny workspace for both tests, a copy of the session's reproduced one: each triggered run changes
+    eval.n_questions, so DVC reruns the evaluations and the gate and finds the rest up to date (the flow from
+    a fresh workspace is tests/test_pipeline.py's and test_bare_clone's)."""
+    return copy_workspace(reproduced_workspace, tmp_path_factory.mktemp("prefect_ws") / "ws")
 
 
 def client_env(api: str, home, **extra) -> dict:
@@ -107,7 +109,7 @@ def test_serve_registers_a_cron_deployment_and_a_triggered_run_completes(prefect
         started = time.time()
         run_and_wait(api, deployment["id"], 900, proc, log)
     print(f"served tiny pipeline run: {time.time() - started:.0f} s")
-    # The run used params.yaml plus the deployment's override, and went through every stage.
+    # The run used params.yaml plus the deployment's override: the evaluations reran and the gate registered.
     assert "n_questions: 4" in (ws / "params.yaml").read_text()
     assert json.loads((ws / "reports/eval_rl.json").read_text())["n_questions"] == 4
     assert json.loads((ws / "reports/promotion.json").read_text())["model_version"] >= 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_workspace
+from conftest import copy_workspace
 from posttrain import stages
 from posttrain.console import STAGE_LINE
 
@@ -34,13 +34,13 @@ def _posttrain(ws: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("user_view") / "ws")
-    for folder in ("style", "chat"):  # every task's source is a dep of prepare
-        if (ROOT / "data" / folder).exists() and not (ws / "data" / folder).exists():
-            shutil.copytree(ROOT / "data" / folder, ws / "data" / folder)
-    first = _posttrain(ws, "run")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def two_runs(reproduced_workspace, tmp_path_factory):
+    # The first run is the session's: `posttrain run` as a user types it, on a fresh tiny workspace (exit 0;
+    # tests/conftest.py reproduced_workspace). The second runs in a private copy of that workspace.
+    ws = copy_workspace(reproduced_workspace, tmp_path_factory.mktemp("user_view") / "ws")
+    first = subprocess.CompletedProcess([sys.executable, "-m", "posttrain", "run"], 0,
+                                        (reproduced_workspace.parent / "run.stdout").read_text(),
+                                        (reproduced_workspace.parent / "run.stderr").read_text())
     second = _posttrain(ws, "run", "-S", "rl.method=reinforce")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return ws, first, second
