@@ -154,10 +154,15 @@ def _local_model_path(name: str, option: str, model: str | None) -> str:
 
 def _sentence_encoder(name: str, model: str, batch_size: int):
     """Mean-pooled, L2-normalised sentence embeddings of a local encoder (all-MiniLM-L6-v2 by default)."""
+    return sentence_encoder(_local_model_path(name, "model", model), batch_size)
+
+
+def sentence_encoder(path: str, batch_size: int = 32):
+    """texts -> mean-pooled, L2-normalised embeddings of the encoder in folder `path` (also the style
+    task's content check)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    path = _local_model_path(name, "model", model)
     tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
     def embed(texts: list[str]) -> torch.Tensor:

