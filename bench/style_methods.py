@@ -4,9 +4,10 @@ method starts from the same base and SFT model and is judged on the same held-ou
 
     python bench/style_methods.py --workspace /tmp/quickstyle     # -> bench/results/style_methods.json
 
-Rows: base and sft (from the workspace's own run), then each method's eval_rl and gate decision. A
-method run reruns only rl, eval_rl, promote and report (ppo also the reward model: it needs the
-pairwise kind). The gate of each row compares against whatever was champion when it ran (the base
+Rows: base and sft (from the workspace's own run), then each method's eval_rl, gate decision and
+training reward curve; the hybrid modes and the methods they mix also go to bench/results/hybrid.json.
+A method run reruns rl, eval_rl, promote and report, and the reward model (its stage reads rl.method
+to know whether it is needed; ppo also changes its kind to pairwise). The gate of each row compares against whatever was champion when it ran (the base
 model at first): its `baseline` field says which. One run per method; nothing is tuned per method.
 """
 
@@ -26,8 +27,13 @@ METHODS = {  # row name -> dvc exp run -S overrides
     "draft_seed": ["rl.method=draft", "rl.draft.variant=seed", "rl.draft.beta=0.1"],
     "reinforce": ["rl.method=reinforce"],
     "grpo": ["rl.method=grpo"],
+    "hybrid_alternate": ["rl.method=hybrid", "rl.hybrid.mode=alternate"],  # one SFT then one PPO step per batch
+    "hybrid_curriculum": ["rl.method=hybrid", "rl.hybrid.mode=curriculum"],  # SFT share 0.8 -> 0.2, REINFORCE steps
+    # last: it changes the reward model's kind, which later rows would inherit from the workspace
     "ppo": ["rl.method=ppo", "reward_model.kind=pairwise", "reward_model.max_length=512"],
 }
+# issue 17's comparison: the hybrid modes beside the methods they mix, written to bench/results/hybrid.json
+HYBRID_ROWS = ("hybrid_alternate", "hybrid_curriculum", "grpo", "reinforce", "ppo")
 KEEP = ("accuracy_pass", "accuracy_style", "accuracy_content", "content_mean", "judge_p_poem_mean", "gen_length_mean",
         "n_questions", "protocol_hash")
 
@@ -46,6 +52,10 @@ def row(ws: Path, eval_name: str, with_gate: bool) -> dict:
                 "gate_reason": gate.get("reason"), "rl_seconds": read(ws, "rl.json").get("stage_seconds")}
         rl = read(ws, "rl.json")
         out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last") if k in rl}
+        # each method's own training reward (draft: the RM through soft tokens; ppo: the pairwise RM's score;
+        # grpo, reinforce, hybrid: the task's rewards): a curve per method, not comparable across methods
+        log = json.loads((ws / "models/rl/train_log.json").read_text())
+        out["reward_curve"] = [round(e["reward"], 4) for e in log if "reward" in e]
     return out
 
 
@@ -76,7 +86,12 @@ def main() -> int:
                 return done.returncode
             print(f"{name}: {time.time() - started:.0f} s")
         rows[name] = row(ws, "eval_rl.json", True) | {"overrides": METHODS[name]}
+        if METHODS[name]:
+            rows[name]["exp_run_seconds"] = round(time.time() - started)  # the whole `dvc exp run`
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a partial run keeps its rows
+        hybrid = {"task": "style", "n_items": result["n_items"], "source": "bench/style_methods.py, same runs",
+                  "rows": {k: rows[k] for k in HYBRID_ROWS if k in rows}}
+        (out_path.parent / "hybrid.json").write_text(json.dumps(hybrid, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
