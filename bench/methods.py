@@ -1,0 +1,132 @@
+"""RL methods side by side on one task: one `dvc exp run` per method on a workspace where the quick
+pipeline of that task already ran, so every method starts from the same base and SFT model and is
+judged on the same held-out items, same protocol.
+
+    posttrain run -S data.task=style -S rl.method=draft              # in a fresh clone, then:
+    python bench/methods.py --workspace /tmp/quickstyle              # -> bench/results/style_methods.json
+    posttrain run                                                    # GSM8K, rl.method grpo, then:
+    python bench/methods.py --workspace /tmp/quickgsm8k --methods reinforce,hybrid_alternate,hybrid_curriculum,ppo
+
+Rows: base and sft (from the workspace's own run), the workspace's own method, then each method's
+eval_rl, gate decision and training reward curve; the hybrid modes and the methods they mix also go
+to bench/results/hybrid.json, under the task's name. A method run reruns rl, eval_rl, promote and
+report, and the reward model (its stage reads rl.method to know whether it is needed; ppo also
+changes its kind to pairwise). The gate of each row compares against whatever was champion when it
+ran (the base model at first): its `gate_baseline` field says which. One run per method; nothing is
+tuned per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # row name -> dvc exp run -S overrides
+    "draft": ["rl.method=draft", "rl.draft.variant=project"],
+    "draft_seed": ["rl.method=draft", "rl.draft.variant=seed", "rl.draft.beta=0.1"],
+    "reinforce": ["rl.method=reinforce"],
+    "grpo": ["rl.method=grpo"],
+    "hybrid_alternate": ["rl.method=hybrid", "rl.hybrid.mode=alternate"],  # one SFT then one PPO step per batch
+    "hybrid_curriculum": ["rl.method=hybrid", "rl.hybrid.mode=curriculum"],  # SFT share 0.8 -> 0.2, REINFORCE steps
+    # last: it changes the reward model's kind, which later rows would inherit from the workspace
+    "ppo": ["rl.method=ppo", "reward_model.kind=pairwise", "reward_model.max_length=512"],
+}
+# issue 17's comparison: the hybrid modes beside the methods they mix, written to bench/results/hybrid.json
+HYBRID_ROWS = ("hybrid_alternate", "hybrid_curriculum", "grpo", "reinforce", "ppo")
+KEEP = ("content_mean", "judge_p_poem_mean", "gen_length_mean", "n_questions", "protocol_hash")
+# the issues' names for the style task's figures
+ALIASES = {"style": {"style_rate": "accuracy_style", "content": "content_mean", "pass_rate": "accuracy_pass"}}
+
+
+def read(ws: Path, name: str) -> dict:
+    return json.loads((ws / "reports" / name).read_text())
+
+
+def row(ws: Path, task: str, eval_name: str, with_gate: bool) -> dict:
+    metrics = read(ws, eval_name)
+    out = {alias: metrics[key] for alias, key in ALIASES.get(task, {}).items()}
+    out |= {k: v for k, v in metrics.items() if k.startswith("accuracy_") or k in KEEP}
+    if with_gate:
+        gate, rl = read(ws, "promotion.json"), read(ws, "rl.json")
+        out |= {"gate": "promoted" if gate.get("promote") else "rejected", "gate_baseline": gate.get("baseline"),
+                "gate_reason": gate.get("reason"), "rl_seconds": rl.get("stage_seconds")}
+        out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last") if k in rl}
+        # each method's own training reward (draft: the RM through soft tokens; ppo: the pairwise RM's score;
+        # grpo, reinforce, hybrid: the task's rewards): a curve per method, not comparable across methods
+        log = json.loads((ws / "models/rl/train_log.json").read_text())
+        out["reward_curve"] = [round(e["reward"], 4) for e in log if "reward" in e]
+    return out
+
+
+def own_row_name(params: dict) -> str:
+    rl = params["rl"]
+    if rl["method"] == "hybrid":
+        return f"hybrid_{rl['hybrid']['mode']}"
+    return "draft_seed" if rl["method"] == "draft" and rl["draft"]["variant"] == "seed" else rl["method"]
+
+
+def write_hybrid(path: Path, task: str, result: dict) -> None:
+    hybrid = json.loads(path.read_text()) if path.exists() else {}
+    hybrid.setdefault("tasks", {})[task] = {
+        "n_items": result["n_items"], "source": f"bench/methods.py, the runs of bench/results/{task}_methods.json",
+        "rows": {k: result["rows"][k] for k in HYBRID_ROWS if k in result["rows"]}}
+    path.write_text(json.dumps(hybrid, indent=2) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", required=True, help="a workspace where a task's quick pipeline ran")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="rows to run, comma-separated, from: %(default)s (the workspace's own method is read, "
+                             "not rerun)")
+    parser.add_argument("--out", help="default: bench/results/<task>_methods.json")
+    args = parser.parse_args()
+    ws = Path(args.workspace)
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    task = params["data"]["task"]
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    out_path = Path(args.out or ROOT / f"bench/results/{task}_methods.json")
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    result |= {"task": task, "workspace_params": f"quick profile (params.yaml) with data.task={task}"}
+    for name in ("reward_model", "judge"):
+        if (ws / "reports" / f"{name}.json").exists():
+            result[f"{name}_val_accuracy"] = read(ws, f"{name}.json").get("val_accuracy")
+    if params["reward_model"]["kind"] == "classifier":  # the style issue's name for it
+        result["classifier_val_accuracy"] = result.get("reward_model_val_accuracy")
+    rows = result.setdefault("rows", {})
+    rows["base"], rows["sft"] = row(ws, task, "eval_base.json", False), row(ws, task, "eval_sft.json", False)
+    result["n_items"] = rows["base"]["n_questions"]
+    own = own_row_name(params)
+    rows[own] = row(ws, task, "eval_rl.json", True) | {"overrides": [], "workspace_run": True}
+    for name in [m for m in args.methods.split(",") if m != own]:
+        started = time.time()
+        done = subprocess.run([dvc, "exp", "run", "-n", f"{task}-{name}", *sum((["-S", o] for o in METHODS[name]), [])],
+                              cwd=ws, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
+            return done.returncode
+        print(f"{name}: {time.time() - started:.0f} s")
+        rows[name] = row(ws, task, "eval_rl.json", True) | {"overrides": METHODS[name],
+                                                            "exp_run_seconds": round(time.time() - started)}
+        out_path.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a partial run keeps its rows
+        write_hybrid(out_path.parent / "hybrid.json", task, result)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_hybrid(out_path.parent / "hybrid.json", task, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
