@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+import run_record  # bench/run_record.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,19 +52,11 @@ def collect(ws: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", required=True, help="where the quick chat pipeline ran")
-    parser.add_argument("--wall-seconds", type=float, help="the run's wall-clock time, as measured outside")
-    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/chat_methods.json"), help="default: %(default)s")
+    run_record.add_arguments(parser, ROOT / "bench/results/chat_methods.json")
     args = parser.parse_args()
     result = collect(Path(args.workspace))
     result |= {"command": "posttrain run -S data.task=chat -S rl.method=ppo -S reward_model.kind=mlp_head (quick profile)"}
-    if args.wall_seconds is not None:
-        result["wall_seconds"] = args.wall_seconds
-    if args.note:
-        result["note"] = args.note
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_record.write(result, args)
 
 
 if __name__ == "__main__":

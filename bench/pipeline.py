@@ -27,6 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import run_record  # bench/run_record.py
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,7 @@ def disk_bytes(ws: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", required=True, help="where `posttrain run` has just run")
-    parser.add_argument("--wall-seconds", type=float, help="the run's wall-clock time, as measured outside")
-    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/pipeline.json"), help="default: %(default)s")
+    run_record.add_arguments(parser, ROOT / "bench/results/pipeline.json")
     args = parser.parse_args()
     ws = Path(args.workspace)
     bound = matmul_gflops("float32")
@@ -113,13 +112,7 @@ def main() -> int:
         "stage_seconds_total": round(sum(s["seconds"] for s in stages.values()), 1),
         "disk_bytes_after_run": disk_bytes(ws),
     }
-    if args.wall_seconds is not None:
-        result["wall_seconds"] = args.wall_seconds
-    if args.note:
-        result["note"] = args.note
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_record.write(result, args)
 
 
 if __name__ == "__main__":
