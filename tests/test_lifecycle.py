@@ -161,14 +161,20 @@ def _wait_for(condition, proc, log: Path, timeout: float = 600) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(tmp_path):
-    ws = make_workspace(tmp_path / "ws", ["sft.training.max_steps=16", "sft.training.save_steps=4"])
+    # Enough steps that SFT lasts several seconds on a quiet machine: the tiny model trains ~16 steps/s, and with
+    # save_total_limit 1 each checkpoint replaces the last, so a test waiting for one exact checkpoint can miss it.
+    ws = make_workspace(tmp_path / "ws", ["sft.training.max_steps=160", "sft.training.save_steps=4"])
 
-    def checkpoint(step):
-        return lambda: (ws / f"checkpoints/sft/checkpoint-{step}/trainer_state.json").exists()
+    def latest_checkpoint() -> int:
+        steps = [int(p.parent.name.split("-")[1]) for p in (ws / "checkpoints/sft").glob("checkpoint-*/trainer_state.json")]
+        return max(steps, default=0)
+
+    def checkpoint_after(step):
+        return lambda: latest_checkpoint() > step
 
     # 1. SIGTERM to `posttrain run` alone: it stops the stage, marks its runs KILLED, exits within seconds.
     proc = _start_run(ws, tmp_path / "first.log")
-    _wait_for(checkpoint(4), proc, tmp_path / "first.log")
+    _wait_for(checkpoint_after(0), proc, tmp_path / "first.log")
     tree = {pid: _command_line(pid) for pid in lifecycle.descendants(proc.pid)}
     stage_tree = [pid for pid, command in tree.items() if "dvc" in command or "stage" in command]
     assert stage_tree, tree
@@ -185,8 +191,9 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(tmp_path):
 
     # 2. SIGKILL to the whole process group mid-SFT (once this run has written a checkpoint of its own):
     # nothing gets to end its MLflow runs.
+    left_by_first = latest_checkpoint()
     proc = _start_run(ws, tmp_path / "second.log")
-    _wait_for(checkpoint(8), proc, tmp_path / "second.log")
+    _wait_for(checkpoint_after(left_by_first), proc, tmp_path / "second.log")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed = [r for r in _runs(ws) if r.info.status == "RUNNING"]

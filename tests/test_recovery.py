@@ -47,14 +47,23 @@ def repro(ws, *targets):
     return subprocess.run([DVC, "repro", *targets], cwd=ws, env=env_for(ws), capture_output=True, text=True, timeout=600)
 
 
-def kill_when(ws, stage, checkpoint, complete=False, timeout=300):
+def kill_when(ws, stage, checkpoint, complete=False, or_later=False, timeout=300):
     """`dvc repro <stage>` in its own process group, SIGKILLed (the whole group) once `checkpoint` exists
-    (complete=True: once its trainer_state.json, written last, parses)."""
+    (complete=True: once its trainer_state.json, written last, parses; or_later=True: or any later checkpoint,
+    since with save_total_limit 1 a fast stage can replace the one asked for between two polls)."""
     proc = subprocess.Popen([DVC, "repro", stage], cwd=ws, env=env_for(ws), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint = ws / checkpoint
+    wanted = int(checkpoint.name.split("-")[1])
+
+    def reached() -> bool:
+        candidates = [checkpoint]
+        if or_later:
+            candidates = [p for p in checkpoint.parent.glob("checkpoint-*") if int(p.name.split("-")[1]) >= wanted]
+        return any(p.exists() and (not complete or checkpoint_complete(p)) for p in candidates)
+
     deadline = time.time() + timeout
-    while not (checkpoint.exists() and (not complete or checkpoint_complete(checkpoint))):
+    while not reached():
         assert proc.poll() is None, f"{stage} finished before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -80,10 +89,10 @@ def test_sigkill_during_sft_resumes_from_checkpoint_and_matches(tmp_path):
 
     ws = make_workspace(tmp_path / "killed", SFT_SETTINGS)
     assert repro(ws, "base", "prepare").returncode == 0
-    kill_when(ws, "sft", "checkpoints/sft/checkpoint-10")
+    kill_when(ws, "sft", "checkpoints/sft/checkpoint-10", or_later=True)
     assert not (ws / "models/sft_adapter").exists()  # nothing half-written where the output goes
     assert not [p for p in (ws / "models").iterdir() if p.name.startswith(".sft_adapter")]
-    # The checkpoint a resume must start from: the last complete one (checkpoint-10 may be half-written).
+    # The checkpoint a resume must start from: the last complete one (the one it was killed at may be half-written).
     complete = [p for p in (ws / "checkpoints/sft").glob("checkpoint-*") if checkpoint_complete(p)]
     assert complete, list((ws / "checkpoints/sft").iterdir())
     checkpoint = max(complete, key=lambda p: int(p.name.split("-")[1]))
