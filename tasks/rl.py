@@ -24,6 +24,7 @@ from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import rl_prompt
 from posttrain.tasks import registry
+from posttrain.throughput import throughput_callback, throughput_of
 from posttrain.training import lora_config, summary_of, train_resumable, trainer_kwargs
 
 
@@ -58,7 +59,7 @@ def run_grpo(params: Params, model_dir: Path, dataset, checkpoint_dir: Path):
     model, tokenizer, lora, args, reward_funcs = _policy_parts(params, model_dir, checkpoint_dir)
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora,
+        processing_class=tokenizer, peft_config=lora, callbacks=[throughput_callback("grpo")],
     )
     train_resumable(trainer, checkpoint_dir, "GRPO", dataclasses.asdict(params.rl), params.seed, str(model_dir),
                     params.eval.prompt_style, params.eval.system_prompt)
@@ -149,4 +150,4 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     history = read_json(Path(out_dir) / "train_log.json")
-    return summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length"))
+    return summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length")) | throughput_of(history)

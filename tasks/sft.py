@@ -18,6 +18,7 @@ from posttrain.config import Params
 from posttrain.io import atomic_path, read_jsonl, write_json
 from posttrain.prompts import sft_example
 from posttrain.tasks import registry
+from posttrain.throughput import throughput_callback, throughput_of
 from posttrain.training import load_causal_lm, lora_config, summary_of, train_resumable, trainer_kwargs
 
 
@@ -42,8 +43,11 @@ def run(params: Params, train_path: str | Path, base_dir: str | Path, out_dir: s
                            field="sft.quantization")
     dataset = build_dataset(read_jsonl(train_path), params)
     lora = lora_config(params.sft.lora)
-    args = SFTConfig(**trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    # Count the non-padding tokens trained on (the Trainer keeps the count in its checkpoints): tokens/s below.
+    args = SFTConfig(**{"include_num_input_tokens_seen": "non_padding"}
+                     | trainer_kwargs(params.sft.training, checkpoint_dir, params.seed))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[throughput_callback("sft")])
     train_resumable(trainer, checkpoint_dir, "SFT", dataclasses.asdict(params.sft), params.seed, str(base_dir),
                     params.eval.prompt_style, params.eval.system_prompt)
     # Every rank calls save_model: under FSDP / ZeRO-3 it gathers the sharded adapter; rank 0 writes it.
@@ -67,4 +71,4 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     history = read_json(Path(out_dir) / "train_log.json")
     return summary_of(history, ("loss", "mean_token_accuracy")) | {
         "train_runtime": float(next((e["train_runtime"] for e in history if "train_runtime" in e), 0.0))
-    }
+    } | throughput_of(history)

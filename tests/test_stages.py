@@ -92,6 +92,13 @@ def test_sft_trains_adapters_only_and_masks_the_prompt(params, prepared, tiny_ba
     base_model = AutoModelForCausalLM.from_pretrained(tiny_base)
     log = json.loads((sft_adapter / "train_log.json").read_text())
     assert any("loss" in e for e in log)
+    # Throughput: the non-padding tokens TRL counted in this (unresumed) run, at 4N + 6n FLOP each.
+    figures = sft.metrics(sft_adapter)
+    trl_tokens = [e["num_tokens"] for e in log if "num_tokens" in e]
+    assert figures["throughput_tokens"] == max(e.get("num_input_tokens_seen", 0) for e in log) >= trl_tokens[-1] > 0
+    frozen, adapter_size = sum(v.numel() for v in base_file.values()), sum(v.numel() for v in adapter.values())
+    assert figures["throughput_flop_per_token"] == 4 * frozen + 6 * adapter_size
+    assert figures["throughput_tokens_per_s"] == pytest.approx(figures["throughput_tokens"] / figures["throughput_seconds"])
     # Prompt masking: TRL's completion mask covers the answer only.
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -163,7 +170,10 @@ def test_grpo_updates_the_policy(params, prepared, merged_sft, tmp_path):
     assert changed, "GRPO left every weight unchanged"
     log = json.loads((out / "train_log.json").read_text())
     assert any("reward" in e for e in log)
-    assert rl.metrics(out)
+    figures = rl.metrics(out)
+    # Throughput: TRL's GRPO counts prompt + completion tokens; the stage reports them per second of training.
+    assert figures["throughput_tokens"] == [e["num_tokens"] for e in log if "num_tokens" in e][-1] > 0
+    assert 0 < figures["throughput_fraction_of_fp32_bound"] < 1
 
 
 def test_unknown_rl_method_is_refused(params, prepared, tmp_path):
