@@ -103,7 +103,7 @@ def main() -> int:
     for name in ("reward_model", "judge"):
         if (ws / "reports" / f"{name}.json").exists():
             result[f"{name}_val_accuracy"] = read(ws, f"{name}.json").get("val_accuracy")
-    if params["reward_model"]["kind"] == "classifier":  # the style issue's name for it
+    if params["reward_model"]["kind"] in ("classifier", "task") and task == "style":  # the style issue's name for it
         result["classifier_val_accuracy"] = result.get("reward_model_val_accuracy")
     rows = result.setdefault("rows", {})
     rows["base"], rows["sft"] = row(ws, task, "eval_base.json", False), row(ws, task, "eval_sft.json", False)

@@ -113,9 +113,10 @@ class MLPHeadConfig:
 
 @dataclass
 class RewardModelConfig:
-    # classifier (encoder verifier; DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO)
-    # | mlp_head (frozen base LM + MLP head on the last token, the StrictBot seed's; PPO)
-    kind: str = "classifier"
+    # task (the task's own: chat mlp_head; others classifier, pairwise for PPO) | classifier (encoder verifier;
+    # DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO) | mlp_head (frozen base LM + MLP head
+    # on the last token, the StrictBot seed's; PPO)
+    kind: str = "task"
     encoder: str = "minilm"  # classifier: minilm (PyPI wheel) | tiny | local HF folder
     n_examples: int = 512  # references + corrupted references used to train the verifier
     max_length: int = 256
@@ -142,6 +143,8 @@ class TaskDefaults:
     # rl.ppo fields params leave unset (the project's before tasks; chat: the StrictBot seed's)
     ppo: dict = field(default_factory=lambda: dict(PROJECT_PPO_DEFAULTS))
     ppo_rewards: dict | None = None  # rl.rewards for rl.method ppo when params leave it empty (None: `rewards`)
+    reward_model_kind: str = "classifier"  # reward_model.kind `task`
+    ppo_reward_model_kind: str = "pairwise"  # ... when rl.method is ppo (it scores the policy's own token ids)
 
 
 PROJECT_PPO_DEFAULTS = {"kl_coef": 0.05, "response_length": 64, "temperature": 0.8}
@@ -150,7 +153,8 @@ TASKS = {  # posttrain/tasks/registry.py holds the modules (a test checks they a
     "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0}),
     # PPO on the learned reward alone, with the seed's kl_coef, response_length and temperature
     "chat": TaskDefaults(("pass",), "pass", {"cosine_sts": 1.0},
-                         ppo={"kl_coef": 0.03, "response_length": 32, "temperature": 0.7}, ppo_rewards={}),
+                         ppo={"kl_coef": 0.03, "response_length": 32, "temperature": 0.7}, ppo_rewards={},
+                         reward_model_kind="mlp_head", ppo_reward_model_kind="mlp_head"),
 }
 
 
@@ -447,7 +451,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("data", "chat", "pair_val_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "max_train"), _between(0, None)),
     (("data", "max_test"), _between(0, None)),
-    (("reward_model", "kind"), _one_of(*REWARD_MODEL_KINDS)),
+    (("reward_model", "kind"), _one_of("task", *REWARD_MODEL_KINDS)),
     (("reward_model", "n_examples"), _between(2, None)),
     (("reward_model", "max_length"), _between(8, None)),
     (("reward_model", "mlp_head", "epochs"), _between(1, None)),
@@ -541,7 +545,7 @@ def check_values(params: Params, where: "_Where") -> None:
 def resolve_task_defaults(params: Params, where: "_Where") -> None:
     """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
     `task` its default per-item pass, empty rl.rewards its default rewards (for PPO its `ppo_rewards`),
-    rl.ppo fields left unset its PPO defaults, `{task}` in the registered model's name the task's name; a
+    rl.ppo fields left unset its PPO defaults, reward_model.kind `task` its kind (for PPO an LM reward model), `{task}` in the registered model's name the task's name; a
     task with a `prompt_format` (chat) sets eval.prompt_style. Resolved here, once, so every stage, the protocol
     hash and MLflow see
     the values that were used."""
@@ -568,6 +572,8 @@ def resolve_task_defaults(params: Params, where: "_Where") -> None:
         ppo_own = params.rl.method == "ppo" and task.ppo_rewards is not None
         params.rl.rewards = dict(task.ppo_rewards if ppo_own else task.rewards)
     params.rl.ppo = dict(task.ppo) | params.rl.ppo
+    if params.reward_model.kind == "task":
+        params.reward_model.kind = task.ppo_reward_model_kind if params.rl.method == "ppo" else task.reward_model_kind
     if params.rl.method == "ppo" and params.reward_model.kind not in PPO_REWARD_MODEL_KINDS:
         raise ConfigError(f"{where(('reward_model', 'kind'))}: rl.method ppo scores the policy's tokens with an LM reward "
                           f"model: 'reward_model.kind' must be one of {', '.join(PPO_REWARD_MODEL_KINDS)}, "

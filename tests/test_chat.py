@@ -201,9 +201,13 @@ def test_ppo_takes_the_seeds_defaults_for_chat_and_gsm8k_keeps_its_own():
     assert gsm8k.rl.rewards == {"exact_match": 1.0, "format": 0.2}
     explicit = load_params(ROOT / "params.yaml", overrides=["data.task=chat", "rl.ppo.kl_coef=0.1"])
     assert explicit.rl.ppo["kl_coef"] == 0.1 and explicit.rl.ppo["response_length"] == 32
+    # reward_model.kind `task`: the issue's own command needs no kind; PPO elsewhere gets an LM reward model.
+    assert load_params(ROOT / "params.yaml", overrides=["data.task=chat", "rl.method=ppo"]).reward_model.kind == "mlp_head"
+    assert load_params(ROOT / "params.yaml", overrides=["rl.method=ppo"]).reward_model.kind == "pairwise"
+    assert load_params(ROOT / "params.yaml").reward_model.kind == "classifier"
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: rl.method ppo .* 'reward_model.kind' must be one of "
                                           r"pairwise, mlp_head, got 'classifier'"):
-        load_params(ROOT / "params.yaml", overrides=["data.task=chat", "rl.method=ppo"])
+        load_params(ROOT / "params.yaml", overrides=["data.task=chat", "rl.method=ppo", "reward_model.kind=classifier"])
 
 
 def test_preflight_lets_chat_ppo_run_on_the_reward_model_alone(tmp_path):
@@ -214,8 +218,9 @@ def test_preflight_lets_chat_ppo_run_on_the_reward_model_alone(tmp_path):
     target = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", target)
     text = target.read_text().replace("  task: gsm8k ", "  task: chat  ").replace("  method: grpo ", "  method: ppo  ")
-    target.write_text(text.replace("  kind: classifier ", "  kind: mlp_head "))
-    assert validate_file(target).rl.rewards == {}
+    target.write_text(text)
+    checked = validate_file(target)
+    assert checked.rl.rewards == {} and checked.reward_model.kind == "mlp_head"
 
 
 # --------------------------------------------------------------------------- the mlp_head reward model
