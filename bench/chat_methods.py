@@ -1,7 +1,7 @@
 """The chat task, base -> SFT -> PPO, read from a workspace where the quick chat pipeline ran:
 
-    posttrain run -S data.task=chat -S rl.method=ppo -S reward_model.kind=mlp_head     # in the workspace
-    python bench/chat_methods.py --workspace /tmp/quickchat --wall-seconds 900         # -> bench/results/chat_methods.json
+    posttrain run -S data.task=chat -S rl.method=ppo                                 # in the workspace
+    python bench/chat_methods.py --workspace /tmp/quickchat --wall-seconds 479         # -> bench/results/chat_methods.json
 
 Per model: the judge's win rate (share of held-out items whose greedy reply the judge scores above the
 reference output: the gate's `pass`), the mean judge margin, the mean reply length in tokens and in words;
@@ -55,7 +55,7 @@ def main() -> int:
     run_record.add_arguments(parser, ROOT / "bench/results/chat_methods.json")
     args = parser.parse_args()
     result = collect(Path(args.workspace))
-    result |= {"command": "posttrain run -S data.task=chat -S rl.method=ppo -S reward_model.kind=mlp_head (quick profile)"}
+    result |= {"command": "posttrain run -S data.task=chat -S rl.method=ppo (quick profile; reward_model.kind task = mlp_head)"}
     return run_record.write(result, args)
 
 

@@ -43,7 +43,9 @@ METHODS = {  # row name -> dvc exp run -S overrides
 HYBRID_ROWS = ("hybrid_alternate", "hybrid_curriculum", "grpo", "reinforce", "ppo")
 KEEP = ("content_mean", "judge_p_poem_mean", "gen_length_mean", "n_questions", "protocol_hash")
 # the issues' names for the style task's figures
-ALIASES = {"style": {"style_rate": "accuracy_style", "content": "content_mean", "pass_rate": "accuracy_pass"}}
+ALIASES = {"style": {"style_rate": "accuracy_style", "content": "content_mean", "pass_rate": "accuracy_pass"},
+           "chat": {"win_rate": "accuracy_pass", "margin": "judge_margin_mean", "length": "gen_length_mean",
+                    "words": "reply_words_mean"}}
 
 
 def read(ws: Path, name: str) -> dict:
@@ -74,6 +76,8 @@ def own_row_name(params: dict) -> str:
 
 
 def write_hybrid(path: Path, task: str, result: dict) -> None:
+    if not any(name.startswith("hybrid") for name in result["rows"]):
+        return  # hybrid.json compares the hybrid modes with the methods they mix: nothing to compare
     hybrid = json.loads(path.read_text()) if path.exists() else {}
     hybrid.setdefault("tasks", {})[task] = {
         "n_items": result["n_items"], "source": f"bench/methods.py, the runs of bench/results/{task}_methods.json",
