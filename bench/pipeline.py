@@ -67,12 +67,11 @@ def main() -> int:
         if report.stem.startswith("eval_") and "tokens_per_s" in data:
             stages[report.stem] |= {"tokens_per_s": round(data["tokens_per_s"], 1), "fraction_of_fp32_bound": round(
                 data["tokens_per_s"] * flop_per_token["eval"] / (bound * 1e9), 3)}
+        # the training stages' own figures (sft, rl: posttrain/throughput.py)
+        figures = {k.removeprefix("throughput_"): v for k, v in data.items() if k.startswith("throughput_")}
+        if figures and report.stem in stages:
+            stages[report.stem] |= {k: round(v, 3 if k == "fraction_of_fp32_bound" else 1) for k, v in figures.items()}
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    for stage in ("sft", "rl"):  # the training stages' own figures (posttrain/throughput.py)
-        report = json.loads((ws / "reports" / f"{stage}.json").read_text()) if (ws / "reports" / f"{stage}.json").exists() else {}
-        figures = {k.removeprefix("throughput_"): v for k, v in report.items() if k.startswith("throughput_")}
-        if figures and stage in stages:
-            stages[stage] |= {k: round(v, 3 if k == "fraction_of_fp32_bound" else 1) for k, v in figures.items()}
     result = {
         "task": params["data"]["task"], "rl_method": params["rl"]["method"],
         "fp32_matmul_gflops": round(bound, 1), "cpu_count": os.cpu_count(),

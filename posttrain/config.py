@@ -545,10 +545,10 @@ def check_values(params: Params, where: "_Where") -> None:
 def resolve_task_defaults(params: Params, where: "_Where") -> None:
     """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
     `task` its default per-item pass, empty rl.rewards its default rewards (for PPO its `ppo_rewards`),
-    rl.ppo fields left unset its PPO defaults, reward_model.kind `task` its kind (for PPO an LM reward model), `{task}` in the registered model's name the task's name; a
-    task with a `prompt_format` (chat) sets eval.prompt_style. Resolved here, once, so every stage, the protocol
-    hash and MLflow see
-    the values that were used."""
+    rl.ppo fields left unset its PPO defaults, reward_model.kind `task` its kind (for PPO an LM reward model),
+    `{task}` in the registered model's name the task's name; a task with a `prompt_format` (chat) sets
+    eval.prompt_style. Resolved here, once, so every stage, the protocol hash and MLflow see the values that
+    were used."""
     task = TASKS[params.data.task]
     task_cfg = getattr(params.data, params.data.task)
     prompt_format = getattr(task_cfg, "prompt_format", None)  # chat: the tokenizer's template or the seed's literal

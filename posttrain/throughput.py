@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import time
 
-FLOP_FORMULAS = {"eval": "2N", "sft": "4N + 6n", "grpo": "6N + 6n"}
-
-
 def flop_per_token(kind: str, n_frozen: int, n_trainable: int) -> int:
     return {"eval": 2 * n_frozen, "sft": 4 * n_frozen + 6 * n_trainable,
             "grpo": 6 * n_frozen + 6 * n_trainable}[kind]
