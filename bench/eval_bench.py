@@ -53,6 +53,7 @@ def main() -> int:
     from posttrain.gsm8k import gold_answer, score
     from posttrain.io import read_jsonl, write_json
     from posttrain.prompts import prompt_text, protocol
+    from posttrain.throughput import flop_per_token, matmul_gflops, parameter_counts
 
     params = load_params(args.params)
     model_dir = Path(args.model)
@@ -101,6 +102,11 @@ def main() -> int:
         }
         print(name, results[name], file=sys.stderr)
 
+    # The compute bound: this machine's fp32 matmul rate over 2N FLOP per kept token (posttrain/throughput.py).
+    bound_gflops = matmul_gflops("float32", device=model.device)
+    per_token = flop_per_token("eval", sum(parameter_counts(model)), 0)
+    for row in results.values():
+        row["tokens_per_s_fraction_of_fp32_bound"] = round(row["tokens_per_s"] * per_token / (bound_gflops * 1e9), 3)
     base = answers["straightforward"]
     report = {
         "model": str(model_dir),
@@ -108,6 +114,9 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens,
         "protocol": protocol(params.eval),
         "ways": results,
+        "fp32_matmul_gflops": round(bound_gflops, 1),
+        "flop_per_kept_token": per_token,
+        "tokens_per_s_fraction_of_fp32_bound": results["posttrain"]["tokens_per_s_fraction_of_fp32_bound"],
         # wall-clock and CPU-second ratios of the straightforward loop to each way (> 1: that way is faster)
         "speedup_vs_straightforward": {name: round(results["straightforward"]["seconds"] / r["seconds"], 2)
                                        for name, r in results.items()},

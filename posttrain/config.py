@@ -407,6 +407,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     where = _Where(label, lines)
     params = _build(Params, raw, (), where)
     check_values(params, where)
+    check_precision(params, where)
     resolve_task_defaults(params, where)
     if check_library_fields or build_library_configs:
         for section_path, allowed in _library_fields().items():
@@ -540,6 +541,14 @@ def check_values(params: Params, where: "_Where") -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
                 key_path = section_path + (key,)
                 raise ConfigError(f"{where(key_path)}: '{'.'.join(key_path)}' must be {must_be}, got {value!r}")
+
+
+def check_precision(params: Params, where: "_Where") -> None:
+    """bf16 autocast is the TRL trainers' (`bf16: true` in sft.training, rl.training for grpo,
+    rl.draft.training, rl.ppo); reinforce and hybrid are this project's own loops and train in fp32."""
+    if params.rl.method in ("reinforce", "hybrid") and params.rl.training.get("bf16"):
+        raise ConfigError(f"{where(('rl', 'training', 'bf16'))}: 'rl.training.bf16' is not supported with rl.method "
+                          f"{params.rl.method} (its loop trains in fp32; bf16 autocast runs in sft, grpo, draft and ppo)")
 
 
 def resolve_task_defaults(params: Params, where: "_Where") -> None:

@@ -50,8 +50,9 @@ class PreallocatedLayer(DynamicLayer):
         self._set_views()
 
     def _empty(self, states: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Uninitialised: columns are read only once written (a prompt's padding is written as zeros)."""
         batch, heads, _, dim = states.shape
-        return states.new_zeros(rows or batch, heads, self.capacity, dim)
+        return states.new_empty(rows or batch, heads, self.capacity, dim)
 
     def _set_views(self):
         self.keys = self.key_buffer[:, :, :self.length]
@@ -70,13 +71,16 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def keep_rows(self, indices: torch.Tensor, drop_left: int) -> None:
-        """Keep the rows at `indices` and drop the first `drop_left` columns (padding in every kept row)."""
-        kept_keys = self.key_buffer[indices, :, drop_left:self.length]
-        kept_values = self.value_buffer[indices, :, drop_left:self.length]
-        self.length -= drop_left
-        self.key_buffer, self.value_buffer = self._empty(kept_keys), self._empty(kept_values)
-        self.key_buffer[:, :, :self.length] = kept_keys
-        self.value_buffer[:, :, :self.length] = kept_values
+        """Keep the rows at `indices` and drop the first `drop_left` columns (padding in every kept row).
+
+        The kept rows move to the front of the same buffers: a finished row costs one copy of what
+        is kept, not a fresh zero-filled buffer per layer (measured: 6% of a 160-token decode).
+        """
+        length = self.length - drop_left
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[:len(indices), :, :length] = buffer[indices, :, drop_left:self.length]
+        self.key_buffer, self.value_buffer = self.key_buffer[:len(indices)], self.value_buffer[:len(indices)]
+        self.length = length
         self._set_views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -97,8 +101,9 @@ class PreallocatedLayer(DynamicLayer):
         row = 0
         for part in (first, second):
             n, kept = part.key_buffer.shape[0], min(part.length, length)
-            layer.key_buffer[row:row + n, :, length - kept:length] = part.key_buffer[:, :, part.length - kept:part.length]
-            layer.value_buffer[row:row + n, :, length - kept:length] = part.value_buffer[:, :, part.length - kept:part.length]
+            for mine, theirs in ((layer.key_buffer, part.key_buffer), (layer.value_buffer, part.value_buffer)):
+                mine[row:row + n, :, :length - kept] = 0  # left padding: masked out, but must not be NaN
+                mine[row:row + n, :, length - kept:length] = theirs[:, :, part.length - kept:part.length]
             row += n
         layer._set_views()
         return layer

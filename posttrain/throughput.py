@@ -1,6 +1,6 @@
 """Training throughput against this machine's compute bound, reported by the SFT and GRPO stages.
 
-The bound is the fp32 matmul rate measured on the machine at the end of training (torch, 2048 x 2048,
+The bound is the fp32 matmul rate measured on the model's device at the end of training (torch, 2048 x 2048,
 best of 5, about half a second). FLOP per token, with N = the model's frozen (base) parameters and
 n = the adapter's trainable parameters:
 
@@ -25,17 +25,20 @@ def flop_per_token(kind: str, n_frozen: int, n_trainable: int) -> int:
             "grpo": 6 * n_frozen + 6 * n_trainable}[kind]
 
 
-def matmul_gflops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-    """This machine's matmul rate in GFLOP/s: the compute bound the fractions are taken against."""
+def matmul_gflops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5, device="cpu") -> float:
+    """The matmul rate in GFLOP/s on `device` (the model's): the compute bound the fractions are taken against."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    dtype, device = getattr(torch, dtype_name), torch.device(device)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * size ** 3 / best / 1e9
 
@@ -67,7 +70,7 @@ def throughput_callback(kind: str):
                 return
             frozen, trainable = parameter_counts(model)
             per_token = flop_per_token(kind, frozen, trainable)
-            bound = matmul_gflops("float32")
+            bound = matmul_gflops("float32", device=next(model.parameters()).device)
             state.log_history.append({
                 "step": state.global_step,
                 "throughput/tokens": float(tokens), "throughput/seconds": seconds,

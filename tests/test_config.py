@@ -128,6 +128,21 @@ def test_bad_values_are_refused_up_front_naming_params_yaml_and_line(tmp_path, m
     assert (tmp_path / "params.yaml").read_text() == before
 
 
+def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):
+    """bf16 autocast runs in the TRL trainers; reinforce's own loop would silently ignore it."""
+    import shutil
+
+    from posttrain.config import load_params
+    from posttrain.preflight import update_params_file
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"'rl.training.bf16' is not supported with rl.method reinforce"):
+        update_params_file(Path("params.yaml"), None, ["rl.method=reinforce", "rl.training.bf16=true"])
+    params = load_params("params.yaml", overrides=["rl.training.bf16=true", "sft.training.bf16=true"])
+    assert params.rl.training["bf16"] is True and params.sft.training["bf16"] is True  # grpo and SFT take it
+
+
 def test_the_registries_and_the_names_params_accept_agree():
     from posttrain.config import REWARD_MODEL_KINDS, RL_METHODS
     from tasks import reward_model, rl

@@ -76,6 +76,11 @@ def test_continuous_batching_gives_each_row_its_own_decode(varied_tiny_model, mo
 
     model, tokenizer = varied_tiny_model
     assert decoding.shared_prefix_length([tokenizer(p).input_ids for p in PROMPTS]) >= 3
+    # Cache buffers are allocated uninitialised: fill them with NaN, so a column read before it is
+    # written (padding left unzeroed by a merge, say) turns the row's logits into NaN.
+    real_empty = decoding.PreallocatedLayer._empty
+    monkeypatch.setattr(decoding.PreallocatedLayer, "_empty",
+                        lambda self, states, rows=None: real_empty(self, states, rows).fill_(float("nan")))
     alone, alone_lengths = decoding.greedy_generate(model, tokenizer, PROMPTS, 16, batch_size=1, eos_ids=set(),
                                                     share_prefix=False)
     assert alone_lengths == [16] * len(PROMPTS)

@@ -17,7 +17,7 @@ def _model() -> torch.nn.Module:
 
 
 def test_a_resumed_run_counts_only_the_tokens_it_trained(monkeypatch):
-    monkeypatch.setattr(throughput, "matmul_gflops", lambda dtype_name="float32": 100.0)
+    monkeypatch.setattr(throughput, "matmul_gflops", lambda dtype_name="float32", device="cpu": 100.0)
     clock = iter([10.0, 12.0])
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     callback = throughput.throughput_callback("sft")
