@@ -70,5 +70,6 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
 
     history = read_json(Path(out_dir) / "train_log.json")
     return summary_of(history, ("loss", "mean_token_accuracy")) | {
-        "train_runtime": float(next((e["train_runtime"] for e in history if "train_runtime" in e), 0.0))
+        # the last entry: transformers logs the running train_runtime at every logging step, the total at the end
+        "train_runtime": float(next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), 0.0))
     } | throughput_of(history)

@@ -45,3 +45,16 @@ def test_flop_formulas():
     assert throughput.flop_per_token("eval", 100, 0) == 200
     assert throughput.flop_per_token("grpo", 100, 10) == 660
     assert throughput.parameter_counts(_model()) == (110, 22)
+
+
+def test_sft_metrics_take_the_total_train_runtime_not_the_first_logged(tmp_path):
+    """transformers logs the running train_runtime with every logging step; the stage reports the total."""
+    from posttrain.io import write_json
+    from tasks import sft
+
+    write_json(tmp_path / "train_log.json", [
+        {"step": 2, "loss": 1.2, "train_runtime": 15.9},
+        {"step": 4, "loss": 1.1, "train_runtime": 30.7},
+        {"step": 4, "train_runtime": 31.0, "train_loss": 1.15},
+    ])
+    assert sft.metrics(tmp_path)["train_runtime"] == 31.0
