@@ -75,11 +75,17 @@ def main() -> int:
     from posttrain.config import load_params
     from posttrain.io import read_json, read_jsonl, write_json
 
+    from posttrain.modelstore import is_model_folder
+
+    models = [args.workspace / name.strip() for name in args.models.split(",")]
+    missing = [str(m) for m in models if not is_model_folder(m)]
+    if missing:
+        parser.error(f"--models: no model folder at {', '.join(missing)} (run the quick GSM8K pipeline there first)")
     params = load_params(ROOT / "params.yaml")
     records = read_jsonl(ROOT / "data" / "gsm8k" / "test.jsonl")[: args.n]
     rows = []
-    for name in args.models.split(","):
-        rows.append(compare(args.workspace / name.strip(), records, params))
+    for model_dir in models:
+        rows.append(compare(model_dir, records, params))
         print(rows[-1], file=sys.stderr)
     report = {key: rows[0][key] for key in ("agreement", "accuracy_fp32", "accuracy_bf16",
                                             "tokens_per_s_fp32", "tokens_per_s_bf16")}

@@ -71,6 +71,9 @@ def main() -> int:
     chosen = [v.strip() for v in args.variants.split(",")]
     if not chosen or chosen[0] != "fp32" or set(chosen) - set(VARIANTS):
         parser.error(f"--variants: fp32 first, then any of {list(VARIANTS)}")
+    for needed in ("data/prepared/train.jsonl", "models/base"):
+        if not (args.workspace / needed).exists():
+            parser.error(f"--workspace: {args.workspace / needed} not found (run the quick GSM8K pipeline there first)")
 
     from posttrain.io import write_json
 
