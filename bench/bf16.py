@@ -16,10 +16,10 @@ curves of bench/results/sft_variants.json (fp32 and bf16 autocast, same steps) a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
+
+import run_record  # bench/run_record.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,7 +74,6 @@ def main() -> int:
 
     from posttrain.config import load_params
     from posttrain.io import read_json, read_jsonl, write_json
-
     from posttrain.modelstore import is_model_folder
 
     models = [args.workspace / name.strip() for name in args.models.split(",")]
@@ -98,8 +97,7 @@ def main() -> int:
         "models": rows, "sft_training_fp32_vs_bf16_autocast": training,
         "protocol": {"decoding": "greedy", "max_new_tokens": params.eval.max_new_tokens,
                      "batch_size": params.eval.batch_size, "extraction": "flexible"},
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": args.note})
+    } | run_record.conditions(args.note))
     print(args.out)
     return 0
 

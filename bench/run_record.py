@@ -1,10 +1,13 @@
-"""What a bench that reads a finished run records beside its figures: the run's wall-clock time and what
-else ran meanwhile (both measured outside), written to its results file and printed."""
+"""What a bench records beside its figures. One that reads a finished run: the run's wall-clock time and
+what else ran meanwhile (both measured outside), written to its results file and printed. One that times
+its own work: `conditions`, the load on the machine when it finished and what the caller says ran."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 
@@ -22,3 +25,9 @@ def write(result: dict, args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def conditions(note: str) -> dict:
+    """Load average (above the bench's own threads: the cores were shared), time, and the caller's note."""
+    return {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}

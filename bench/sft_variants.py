@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import run_record  # bench/run_record.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -90,9 +92,7 @@ def main() -> int:
         row["max_abs_loss_diff"] = round(max((abs(row["loss_by_step"][s] - reference["loss_by_step"][s])
                                               for s in common), default=0.0), 4)
         row["speedup"] = round(reference["train_runtime"] / row["train_runtime"], 2)
-    write_json(args.out, {"workspace": str(args.workspace), "variants": rows,
-                          "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-                          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": args.note})
+    write_json(args.out, {"workspace": str(args.workspace), "variants": rows} | run_record.conditions(args.note))
     print(args.out)
     return 0
 
