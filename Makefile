@@ -42,11 +42,16 @@ lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes i
 run: install  ## install, then run the whole quick pipeline and print its summary
 	.venv/bin/posttrain run
 
+# One pytest-xdist worker per core, handed the next test as each finishes (worksteal): the slow tests mostly
+# wait on subprocesses and imports, so two workers on two cores finish sooner (README "Tests").
+# tests/conftest.py gives each worker its share of the cores' threads.
+XDIST := -n auto --dist worksteal
+
 test: install  ## every test, slow ones included (what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: install  ## the tests not marked slow: no training, no pipeline run (under 3 minutes)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 bench: install  ## evaluator speed benchmark -> bench/results/eval.json
 	$(PY) bench/eval_bench.py

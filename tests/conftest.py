@@ -24,6 +24,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs one pytest-xdist worker per core: each worker (and the stages it starts as subprocesses,
+    # which inherit this) gets its share of the cores, so that two workers' torch thread pools do not fight
+    # over the same cores. Set before anything imports torch.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_share))
 
 
 # --------------------------------------------------------------------------- the fast tier trains nothing
