@@ -4,7 +4,7 @@ PY := .venv/bin/python
 LOCK := requirements/lock.txt requirements/models.txt
 STAMP := .venv/.installed-$(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install lock run test test-fast bench clean-run
+.PHONY: install lock library-fields run test test-fast bench clean-run
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes i
 	  --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) -o requirements/models.txt
 	@if grep -nE '^(nvidia-|triton|torchvision)' requirements/lock.txt; then \
 	  echo "error: the lock pulls CUDA packages or torchvision: torch must stay 2.13.0+cpu" >&2; exit 1; fi
+
+# After the lock moves transformers, trl or peft: re-record their config field names (posttrain/config.py reads
+# them from this file instead of importing the libraries in every stage; a test checks it is current).
+library-fields: install  ## rewrite posttrain/library_fields.json from the installed libraries
+	$(PY) -c "from posttrain.config import write_library_fields; print(write_library_fields())"
 
 run: install  ## install, then run the whole quick pipeline and print its summary
 	.venv/bin/posttrain run

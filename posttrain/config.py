@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import sys
@@ -271,12 +272,45 @@ class Params:
     promote: PromoteConfig = field(default_factory=PromoteConfig)
 
 
-# Library classes whose field names a dict section must use.
-def _library_fields() -> dict[tuple[str, ...], Any]:
+# Library classes whose field names a dict section must use. Importing transformers, trl and peft to read
+# them takes about 9 s, and every stage loads params: the names are shipped in library_fields.json for the
+# pinned versions (`make library-fields` writes it) and read from the libraries only when the installed
+# versions differ from the recorded ones.
+LIBRARY_FIELDS_FILE = Path(__file__).with_name("library_fields.json")
+FIELD_LIBRARIES = ("transformers", "trl", "peft")
+
+
+def _installed_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in FIELD_LIBRARIES}
+
+
+def library_fields_from_the_libraries() -> dict[tuple[str, ...], set[str]]:
     from transformers import LlamaConfig
 
     fields = {path: {f.name for f in dataclasses.fields(cls)} for path, cls in _library_classes().items()}
     return {("base", "tiny"): set(LlamaConfig().to_dict()) | {"vocab_size"}, **fields}
+
+
+def write_library_fields(path: Path = LIBRARY_FIELDS_FILE) -> Path:
+    """Record the installed libraries' field names, with their versions (atomically: temp file, rename)."""
+    fields = {".".join(k): sorted(v) for k, v in library_fields_from_the_libraries().items()}
+    text = json.dumps({"versions": _installed_versions(), "fields": fields}, indent=1, sort_keys=True) + "\n"
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+    return path
+
+
+def _library_fields() -> dict[tuple[str, ...], set[str]]:
+    try:
+        shipped = json.loads(LIBRARY_FIELDS_FILE.read_text())
+        if shipped["versions"] == _installed_versions():
+            return {tuple(k.split(".")): set(v) for k, v in shipped["fields"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable: the libraries themselves answer
+    return library_fields_from_the_libraries()
 
 
 # --------------------------------------------------------------------------- loading

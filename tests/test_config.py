@@ -54,6 +54,40 @@ def test_unknown_library_field_names_its_line(tmp_path):
         load_params(path)
 
 
+def test_shipped_library_fields_are_the_installed_libraries_fields():
+    """posttrain/library_fields.json stands in for importing transformers, trl and peft in every stage: it
+    must hold exactly what the installed (locked) versions give. If this fails after `make lock`, run
+    `make library-fields`."""
+    import json
+
+    from posttrain import config
+
+    shipped = json.loads(config.LIBRARY_FIELDS_FILE.read_text())
+    assert shipped["versions"] == config._installed_versions(), "stale: run make library-fields"
+    live = config.library_fields_from_the_libraries()
+    assert {tuple(k.split(".")): set(v) for k, v in shipped["fields"].items()} == live
+    assert config._library_fields() == live
+
+
+def test_library_fields_of_other_versions_are_read_from_the_libraries(tmp_path, monkeypatch):
+    """A shipped file recorded for other library versions (or a broken one) is not trusted: a field the
+    installed libraries have is accepted and a typo still refused, with the libraries themselves asked."""
+    import json
+
+    from posttrain import config
+
+    stale = tmp_path / "library_fields.json"
+    stale.write_text(json.dumps({"versions": {"transformers": "0.0.1", "trl": "0", "peft": "0"},
+                                 "fields": {"sft.training": ["only_this"]}}))
+    monkeypatch.setattr(config, "LIBRARY_FIELDS_FILE", stale)
+    assert "learning_rate" in config._library_fields()[("sft", "training")]
+    stale.write_text("{not json")
+    assert "learning_rate" in config._library_fields()[("sft", "training")]
+    path = write(tmp_path, "sft:\n  training:\n    max_steps: 2\n    learnin_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:4: unknown key 'sft.training.learnin_rate'"):
+        load_params(path)
+
+
 def test_wrong_type_is_reported(tmp_path):
     path = write(tmp_path, "eval:\n  n_questions: many\n")
     with pytest.raises(ConfigError, match=r"params.yaml:2: 'eval.n_questions' must be int, got str"):
