@@ -10,6 +10,7 @@ registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from posttrain.config import ConfigError, Params, _line_index, _Where, load_params
 
 PROFILES_DIR = Path("profiles")
+PASSED_DIR = Path(".posttrain") / "params-passed"  # one empty file per params text that passed every check
 
 
 def check_registries(params: Params, where: _Where) -> None:
@@ -47,16 +49,40 @@ def check_registries(params: Params, where: _Where) -> None:
             raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
 
 
-def validate_file(path: str | Path, label: str | Path | None = None) -> Params:
-    """Load a params file with every check; errors name `label` (default: the path) and the line."""
+def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None) -> Params:
+    """Load a params file with every check; errors name `label` (default: the path) and the line.
+
+    Building the library configs costs about 7 s of imports (transformers, trl, peft). With `passed_dir`,
+    a file whose exact text passed before, with the same library versions and checking code, skips that
+    build (its keys are still checked against the libraries' field names); a pass is recorded there.
+    """
     label = str(label or path)
-    params = load_params(path, label=label, build_library_configs=True)
+    stamp = _passed_stamp(Path(path), passed_dir) if passed_dir else None
+    passed_before = stamp is not None and stamp.exists()
+    params = load_params(path, label=label, build_library_configs=not passed_before)
     check_registries(params, _Where(label, _line_index(Path(path).read_text())))
+    if stamp is not None and not passed_before:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
     return params
 
 
+def _passed_stamp(path: Path, passed_dir: Path) -> Path:
+    """A name for what the library-config check's verdict depends on: the params text, the versions of
+    torch and the libraries, and the checking code."""
+    from importlib.metadata import version
+
+    from posttrain import config
+
+    digest = hashlib.sha256(path.read_bytes())
+    for name in ("torch", *config.FIELD_LIBRARIES):
+        digest.update(f"\n{name}=={version(name)}".encode())
+    digest.update(Path(config.__file__).read_bytes())
+    return passed_dir / digest.hexdigest()[:32]
+
+
 def validate_workspace(root: str | Path = ".", params_name: str = "params.yaml") -> Params:
-    return validate_file(Path(root) / params_name, label=params_name)
+    return validate_file(Path(root) / params_name, label=params_name, passed_dir=Path(root) / PASSED_DIR)
 
 
 def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:

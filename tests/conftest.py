@@ -76,6 +76,20 @@ class _no_training:
         return False
 
 
+# --------------------------------------------------------------------------- order under pytest-xdist
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the modules whose tests use the session's reproduced workspace run first (whole
+    modules, so module fixtures are set up once): worksteal hands each worker a contiguous half of this
+    order, so one worker builds the workspace at once while the other runs tests that do not need it,
+    instead of both asking for it mid-run and one waiting idle for the other's build."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    first = {item.module.__name__ for item in items if "reproduced_workspace" in item.fixturenames}
+    items.sort(key=lambda item: item.module.__name__ not in first)  # stable: file order otherwise kept
+
+
 # --------------------------------------------------------------------------- one test's MLflow store stays its own
 
 
@@ -177,25 +191,53 @@ def run_in(ws: Path, command: list[str], timeout: float = 900, **env) -> subproc
     return subprocess.run(command, cwd=ws, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once for the whole test run: under pytest-xdist the first worker to ask builds the
+    folder while the others wait on a file lock, then all share it (the pipeline and the reward model are the
+    suite's most expensive fixtures); without xdist, once per session. A build that failed is not retried by
+    the next worker: it fails with the first one's error."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temp folder, which every worker's basetemp sits in
+    folder, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"shared fixture {name} failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                build(folder)
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}"[-6000:])
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reproduced_workspace(tmp_path_factory) -> Path:
-    """The tiny pipeline run once for the whole session, as a user types it: `posttrain run` (the Prefect flow,
-    each stage through `dvc repro`; progress bars on) in a fresh tiny workspace. What it printed is in
-    `ws.parent / "run.stdout"` and `"run.stderr"` (test_user_view reads the console, test_pipeline the summary).
-    Never change it: take a copy with `workspace_copy` or `copy_workspace`."""
-    ws = make_workspace(tmp_path_factory.mktemp("reproduced") / "ws")
-    for folder in ("style", "chat"):  # every task's source is a dep of prepare
-        if (ROOT / "data" / folder).exists() and not (ws / "data" / folder).exists():
-            shutil.copytree(ROOT / "data" / folder, ws / "data" / folder)
-    env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"))
-    env.pop("TQDM_DISABLE", None)  # a user's environment: the bars are on, and must stay off the console
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    done = subprocess.run([sys.executable, "-m", "posttrain", "run"], cwd=ws, env=env, capture_output=True,
-                          text=True, timeout=1800)
-    (ws.parent / "run.stdout").write_text(done.stdout)
-    (ws.parent / "run.stderr").write_text(done.stderr)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return ws
+    """The tiny pipeline run once for the whole test run (shared by the xdist workers), as a user types it:
+    `posttrain run` (the Prefect flow, each stage through `dvc repro`; progress bars on) in a fresh tiny
+    workspace. What it printed is in `ws.parent / "run.stdout"` and `"run.stderr"` (test_user_view reads the
+    console, test_pipeline the summary). Never change it: take a copy with `workspace_copy` or
+    `copy_workspace`."""
+
+    def build(folder: Path) -> None:
+        ws = make_workspace(folder / "ws")
+        for name in ("style", "chat"):  # every task's source is a dep of prepare
+            if (ROOT / "data" / name).exists() and not (ws / "data" / name).exists():
+                shutil.copytree(ROOT / "data" / name, ws / "data" / name)
+        env = dict(os.environ, PREFECT_HOME=str(ws / ".prefect"))
+        env.pop("TQDM_DISABLE", None)  # a user's environment: the bars are on, and must stay off the console
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        done = subprocess.run([sys.executable, "-m", "posttrain", "run"], cwd=ws, env=env, capture_output=True,
+                              text=True, timeout=1800)
+        (folder / "run.stdout").write_text(done.stdout)
+        (folder / "run.stderr").write_text(done.stderr)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "reproduced", build) / "ws"
 
 
 def copy_workspace(source: Path, dest: Path) -> Path:
@@ -241,22 +283,25 @@ class ClassifierRM:
 @pytest.fixture(scope="session")
 def classifier_rm(params, tmp_path_factory):
     """classifier_rm(max_length) -> ClassifierRM: the reward_model stage (kind classifier, tiny encoder) trained
-    once per session and max_length on verifier_case's synthetic task (texts of `length` tokens; max_length
-    None means whole texts). Every test that needs a trained verifier takes it from here; only tests marked
-    slow may ask for one (it trains)."""
+    once per test run (shared by the xdist workers) and max_length on verifier_case's synthetic task (texts
+    of `length` tokens; max_length None means whole texts). Every test that needs a trained verifier takes it
+    from here; only tests marked slow may ask for one (it trains)."""
     from tasks import reward_model
     from verifier_case import verifier_params, write_splits
 
     folder = tmp_path_factory.mktemp("classifier_rm")
-    train, val, length = write_splits(folder / "data")
+    train, val, length = write_splits(folder / "data")  # cheap and deterministic: every worker writes its own
     trained: dict[int, ClassifierRM] = {}
 
     def get(max_length: int | None = None) -> ClassifierRM:
         max_length = max_length or length
+
+        def train_it(out: Path) -> None:
+            reward_model.run(verifier_params(params, max_length), train, val, out / "rm",
+                             checkpoint_dir=out / "checkpoints")
+
         if max_length not in trained:
-            out = folder / f"rm_{max_length}"
-            reward_model.run(verifier_params(params, max_length), train, val, out,
-                             checkpoint_dir=folder / f"ckpt_{max_length}")
+            out = built_once(tmp_path_factory, f"classifier_rm_{max_length}", train_it) / "rm"
             trained[max_length] = ClassifierRM(out, train, val, length, max_length)
         return trained[max_length]
 

@@ -183,3 +183,39 @@ def test_the_registries_and_the_names_params_accept_agree():
 
     assert set(rl.METHODS) == set(RL_METHODS)
     assert set(reward_model.KINDS) == set(REWARD_MODEL_KINDS)
+
+
+def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_path, monkeypatch):
+    """validate_workspace records a pass per exact params text (and library versions, and checking code): the
+    next check of the same text skips building the library configs (7 s of imports), an edited text or a
+    failed check does not."""
+    import shutil
+
+    from posttrain import config, preflight
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    builds = []
+
+    def build(params, where):
+        builds.append(params.sft.training["learning_rate"])
+        if params.sft.training["learning_rate"] == 0.5:
+            raise ConfigError("params.yaml:1: refused by the library")
+
+    monkeypatch.setattr(config, "check_library_configs", build)
+    preflight.validate_workspace(tmp_path)
+    preflight.validate_workspace(tmp_path)
+    assert len(builds) == 1 and len(list((tmp_path / preflight.PASSED_DIR).iterdir())) == 1
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 3.0e-4", "learning_rate: 0.5", 1))
+    for _ in range(2):  # refused, so not recorded: refused again, with the library asked each time
+        with pytest.raises(ConfigError, match="refused by the library"):
+            preflight.validate_workspace(tmp_path)
+    assert builds[1:] == [0.5, 0.5]
+    (tmp_path / "params.yaml").write_text(text + "\n# an edit\n")
+    preflight.validate_workspace(tmp_path)
+    assert len(builds) == 4
+    # The field names are still checked on a recorded pass (here a forged one).
+    (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 3.0e-4", "learnin_rate: 3.0e-4", 1))
+    preflight._passed_stamp(tmp_path / "params.yaml", tmp_path / preflight.PASSED_DIR).touch()
+    with pytest.raises(ConfigError, match="unknown key 'sft.training.learnin_rate'"):
+        preflight.validate_workspace(tmp_path)

@@ -136,12 +136,14 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-def _runs(ws: Path) -> list:
+def _runs(ws: Path, besides: set[str] = frozenset()) -> list:
+    """The workspace's MLflow runs, oldest first, leaving out the run ids in `besides`."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("posttrain-gsm8k")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    return [r for r in runs if r.info.run_id not in besides]
 
 
 def _start_run(ws: Path, log: Path) -> subprocess.Popen:
@@ -160,10 +162,15 @@ def _wait_for(condition, proc, log: Path, timeout: float = 600) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(tmp_path):
+def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_copy, tmp_path):
+    # The session's reproduced workspace (a copy): the stages before SFT are reused and the runs start at SFT.
     # Enough steps that SFT lasts several seconds on a quiet machine: the tiny model trains ~16 steps/s, and with
     # save_total_limit 1 each checkpoint replaces the last, so a test waiting for one exact checkpoint can miss it.
-    ws = make_workspace(tmp_path / "ws", ["sft.training.max_steps=160", "sft.training.save_steps=4"])
+    from posttrain.cli import update_params_file
+
+    ws = workspace_copy
+    update_params_file(ws / "params.yaml", None, ["sft.training.max_steps=160", "sft.training.save_steps=4"])
+    earlier = {r.info.run_id for r in _runs(ws)}  # the session's own run: only this test's runs are checked
 
     def latest_checkpoint() -> int:
         steps = [int(p.parent.name.split("-")[1]) for p in (ws / "checkpoints/sft").glob("checkpoint-*/trainer_state.json")]
@@ -185,7 +192,7 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(tmp_path):
     time.sleep(1)
     left = {pid: tree[pid] for pid in tree if lifecycle.process_start(pid) and _command_line(pid) == tree[pid]}
     assert not left, f"processes outlived the run: {left}"
-    statuses = {(r.data.tags.get("posttrain.stage") or "pipeline"): r.info.status for r in _runs(ws)}
+    statuses = {(r.data.tags.get("posttrain.stage") or "pipeline"): r.info.status for r in _runs(ws, earlier)}
     assert statuses["pipeline"] == "KILLED" and statuses["sft"] == "KILLED", statuses
     assert "marked KILLED" in (tmp_path / "first.log").read_text()
 
@@ -196,14 +203,14 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(tmp_path):
     _wait_for(checkpoint_after(left_by_first), proc, tmp_path / "second.log")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed = [r for r in _runs(ws) if r.info.status == "RUNNING"]
+    killed = [r for r in _runs(ws, earlier) if r.info.status == "RUNNING"]
     assert {r.data.tags.get("posttrain.stage", "pipeline") for r in killed} == {"pipeline", "sft"}
 
     # 3. The next run ends them as KILLED, resumes SFT from its checkpoint and says so in MLflow.
     done = subprocess.run([sys.executable, "-m", "posttrain", "-q", "run"], cwd=ws, env=env_for(ws),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = {r.info.run_id: r for r in _runs(ws)}
+    runs = {r.info.run_id: r for r in _runs(ws, earlier)}
     assert all(runs[r.info.run_id].info.status == "KILLED" for r in killed)
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
     killed_sft = next(r.info.run_id for r in killed if r.data.tags.get("posttrain.stage") == "sft")

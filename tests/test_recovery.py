@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_workspace
+from conftest import copy_workspace, make_workspace
 from posttrain.training import checkpoint_complete
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -89,6 +89,7 @@ def test_sigkill_during_sft_resumes_from_checkpoint_and_matches(tmp_path):
 
     ws = make_workspace(tmp_path / "killed", SFT_SETTINGS)
     assert repro(ws, "base", "prepare").returncode == 0
+    clean = copy_workspace(ws, tmp_path / "clean")  # the same upstream outputs, for the uninterrupted run
     kill_when(ws, "sft", "checkpoints/sft/checkpoint-10", or_later=True)
     assert not (ws / "models/sft_adapter").exists()  # nothing half-written where the output goes
     assert not [p for p in (ws / "models").iterdir() if p.name.startswith(".sft_adapter")]
@@ -119,8 +120,8 @@ def test_sigkill_during_sft_resumes_from_checkpoint_and_matches(tmp_path):
     for shown, entry in zip(printed, after):
         assert float(shown["loss"]) == pytest.approx(entry["loss"], rel=1e-3), (shown, entry)
 
-    clean = make_workspace(tmp_path / "clean", SFT_SETTINGS)
-    assert repro(clean, "sft").returncode == 0
+    uninterrupted_run = repro(clean, "sft")
+    assert uninterrupted_run.returncode == 0 and "Running stage 'base'" not in uninterrupted_run.stdout
     resumed = load_file(ws / "models/sft_adapter/adapter_model.safetensors")
     uninterrupted = load_file(clean / "models/sft_adapter/adapter_model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -135,6 +136,7 @@ def test_sigkill_during_grpo_resumes_from_checkpoint_and_matches(tmp_path):
     ws = make_workspace(tmp_path / "killed", GRPO_SETTINGS)
     upstream = repro(ws, "merge", "reward_model")  # what rl depends on: models/sft and models/reward_model
     assert upstream.returncode == 0, upstream.stdout[-2000:] + upstream.stderr[-2000:]
+    clean = copy_workspace(ws, tmp_path / "clean")  # the same upstream outputs, for the uninterrupted run
     kill_when(ws, "rl", "checkpoints/rl/checkpoint-6", complete=True)
     assert not (ws / "models/rl").exists()  # nothing half-written where the output goes
     assert not [p for p in (ws / "models").iterdir() if p.name.startswith(".rl.tmp-")]
@@ -153,8 +155,8 @@ def test_sigkill_during_grpo_resumes_from_checkpoint_and_matches(tmp_path):
     # started over would still end with the same weights (training is deterministic) and pass the check below.
     assert [e for e in history if e["step"] <= 6] == killed_log
 
-    clean = make_workspace(tmp_path / "clean", GRPO_SETTINGS)
-    assert repro(clean, "rl").returncode == 0
+    uninterrupted_run = repro(clean, "rl")
+    assert uninterrupted_run.returncode == 0 and "Running stage 'merge'" not in uninterrupted_run.stdout
     from posttrain.modelstore import save_merged  # models/rl is an adapter on models/sft: rebuild both models
 
     resumed = load_file(save_merged(ws / "models/rl", tmp_path / "resumed") / "model.safetensors")
