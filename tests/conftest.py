@@ -76,20 +76,6 @@ class _no_training:
         return False
 
 
-# --------------------------------------------------------------------------- order under pytest-xdist
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, the modules whose tests use the session's reproduced workspace run first (whole
-    modules, so module fixtures are set up once): worksteal hands each worker a contiguous half of this
-    order, so one worker builds the workspace at once while the other runs tests that do not need it,
-    instead of both asking for it mid-run and one waiting idle for the other's build."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    first = {item.module.__name__ for item in items if "reproduced_workspace" in item.fixturenames}
-    items.sort(key=lambda item: item.module.__name__ not in first)  # stable: file order otherwise kept
-
-
 # --------------------------------------------------------------------------- one test's MLflow store stays its own
 
 
