@@ -294,12 +294,11 @@ def library_fields_from_the_libraries() -> dict[tuple[str, ...], set[str]]:
 
 
 def write_library_fields(path: Path = LIBRARY_FIELDS_FILE) -> Path:
-    """Record the installed libraries' field names, with their versions (atomically: temp file, rename)."""
+    """Record the installed libraries' field names, with their versions."""
+    from posttrain.io import write_json
+
     fields = {".".join(k): sorted(v) for k, v in library_fields_from_the_libraries().items()}
-    text = json.dumps({"versions": _installed_versions(), "fields": fields}, indent=1, sort_keys=True) + "\n"
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    write_json(path, {"versions": _installed_versions(), "fields": fields})
     return path
 
 

@@ -75,8 +75,8 @@ def _passed_stamp(path: Path, passed_dir: Path) -> Path:
     from posttrain import config
 
     digest = hashlib.sha256(path.read_bytes())
-    for name in ("torch", *config.FIELD_LIBRARIES):
-        digest.update(f"\n{name}=={version(name)}".encode())
+    for name, installed in (config._installed_versions() | {"torch": version("torch")}).items():
+        digest.update(f"\n{name}=={installed}".encode())
     digest.update(Path(config.__file__).read_bytes())
     return passed_dir / digest.hexdigest()[:32]
 
