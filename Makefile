@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (see README):  make run   and   make test
 PY := .venv/bin/python
-# The lock (README "Installs and pins"): every package of the environment, pinned with its hashes.
+# The lock (docs/installation.md): every package of the environment, pinned with its hashes.
 LOCK := requirements/lock.txt requirements/models.txt
 STAMP := .venv/.installed-$(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha1sum | cut -c1-12)
 
@@ -39,16 +39,16 @@ lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes i
 	@if grep -nE '^(nvidia-|triton|torchvision)' requirements/lock.txt; then \
 	  echo "error: the lock pulls CUDA packages or torchvision: torch must stay 2.13.0+cpu" >&2; exit 1; fi
 
-# After the lock moves transformers, trl or peft: re-record their config field names (posttrain/config.py reads
+# After the lock moves transformers, trl or peft: re-record their config field names (posttrain/config/schema.py reads
 # them from this file instead of importing the libraries in every stage; a test checks it is current).
 library-fields: install  ## rewrite posttrain/library_fields.json from the installed libraries
-	$(PY) -c "from posttrain.config import write_library_fields; print(write_library_fields())"
+	$(PY) -c "from posttrain.config.schema import write_library_fields; print(write_library_fields())"
 
 run: install  ## install, then run the whole quick pipeline and print its summary
 	.venv/bin/posttrain run
 
 # One pytest-xdist worker per core, handed the next test as each finishes (worksteal): the slow tests mostly
-# wait on subprocesses and imports, so two workers on two cores finish sooner (README "Tests").
+# wait on subprocesses and imports, so two workers on two cores finish sooner (docs/testing.md).
 # tests/conftest.py gives each worker its share of the cores' threads.
 XDIST := -n auto --dist worksteal
 

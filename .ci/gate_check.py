@@ -56,7 +56,7 @@ def round_trip(ws: Path, candidate_right: int, expected_exit: int, expected_word
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     started = time.time()
     ws = Path(tempfile.mkdtemp(prefix="posttrain-gate-ci-"))

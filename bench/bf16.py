@@ -4,11 +4,11 @@
     python bench/sft_variants.py --workspace /tmp/quickgsm8k         # the training loss curves (optional)
     python bench/bf16.py --workspace /tmp/quickgsm8k                 # -> bench/results/bf16.json
 
-For each model (default: the workspace's base and SFT models) the evaluator (posttrain.evaluation,
+For each model (default: the workspace's base and SFT models) the evaluator (posttrain.evaluation.evaluator,
 params.yaml's protocol, 100 GSM8K test questions) runs once in fp32 and once in bf16 (`eval.dtype:
 bfloat16`: weights, activations and KV cache in bf16). Reported: agreement (share of questions whose
 extracted answer is the same in both), the accuracy of each, the paired bootstrap interval of the
-accuracy difference (the gate's own, posttrain/gate.py) and tokens/s. bf16 becomes the default only
+accuracy difference (the gate's own, posttrain/release/gate.py) and tokens/s. bf16 becomes the default only
 where agreement is at least 0.98 and the interval holds 0 (`bf16_default_rule_met`). The SFT loss
 curves of bench/results/sft_variants.json (fp32 and bf16 autocast, same steps) are copied in beside.
 """
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 def evaluate_in(dtype: str, model_dir: Path, records: list[dict], params) -> dict:
     import dataclasses
 
-    from posttrain.evaluation import generate, load_model
-    from posttrain.gsm8k import gold_answer, score
-    from posttrain.prompts import prompt_text
+    from posttrain.evaluation.evaluator import generate, load_model
+    from posttrain.tasks.gsm8k_answers import gold_answer, score
+    from posttrain.evaluation.prompts import prompt_text
 
     cfg = dataclasses.replace(params.eval, dtype=dtype)
     model, tokenizer = load_model(model_dir, dtype)
@@ -43,7 +43,7 @@ def evaluate_in(dtype: str, model_dir: Path, records: list[dict], params) -> dic
 
 
 def compare(model_dir: Path, records: list[dict], params) -> dict:
-    from posttrain.gate import bootstrap_interval
+    from posttrain.release.gate import bootstrap_interval
 
     fp32, bf16 = (evaluate_in(dtype, model_dir, records, params) for dtype in ("float32", "bfloat16"))
     n = len(records)
@@ -72,9 +72,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bf16.json", help="results file")
     args = parser.parse_args()
 
-    from posttrain.config import load_params
+    from posttrain.config.schema import load_params
     from posttrain.io import read_json, read_jsonl, write_json
-    from posttrain.modelstore import is_model_folder
+    from posttrain.release.modelstore import is_model_folder
 
     models = [args.workspace / name.strip() for name in args.models.split(",")]
     missing = [str(m) for m in models if not is_model_folder(m)]

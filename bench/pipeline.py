@@ -5,7 +5,7 @@ disk it left. Reads a workspace where `posttrain run` (any task) has just run; m
     python bench/pipeline.py --workspace /tmp/quickgsm8k --wall-seconds 600 --note "nothing else running"
 
 The bound is this machine's fp32 matmul rate (measured here, torch, 2048 x 2048, best of 5). FLOP per
-token and how the SFT and GRPO stages count their tokens: posttrain/throughput.py (evaluation 2N,
+token and how the SFT and GRPO stages count their tokens: posttrain/training/throughput.py (evaluation 2N,
 SFT with LoRA 4N + 6n, GRPO with LoRA 6N + 6n); the training stages measure their own fraction at the
 end of training and write it to reports/sft.json and reports/rl.json, which this script copies.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import run_record  # bench/run_record.py
 import yaml
 
-from posttrain.throughput import flop_per_token as flop_per_token_of
-from posttrain.throughput import matmul_gflops
+from posttrain.training.throughput import flop_per_token as flop_per_token_of
+from posttrain.training.throughput import matmul_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def main() -> int:
         if report.stem.startswith("eval_") and "tokens_per_s" in data:
             stages[report.stem] |= {"tokens_per_s": round(data["tokens_per_s"], 1), "fraction_of_fp32_bound": round(
                 data["tokens_per_s"] * flop_per_token["eval"] / (bound * 1e9), 3)}
-        # the training stages' own figures (sft, rl: posttrain/throughput.py)
+        # the training stages' own figures (sft, rl: posttrain/training/throughput.py)
         figures = {k.removeprefix("throughput_"): v for k, v in data.items() if k.startswith("throughput_")}
         if figures and report.stem in stages:
             stages[report.stem] |= {k: round(v, 3 if k == "fraction_of_fp32_bound" else 1) for k, v in figures.items()}

@@ -11,10 +11,10 @@ Variants (SFTConfig fields over the workspace's params.yaml `sft.training`):
                 TRL enforces no max_length without packing, so it is None there, and it is compared with
   fp32_untruncated  fp32 padded batches with max_length None (3 of the first 128 GSM8K examples exceed 320)
   bf16          bf16 autocast (torch.autocast on the CPU, AVX512-BF16 here); the weights stay fp32
-Each variant runs the SFT stage's own code (tasks/sft.py) into a scratch folder, one after the other,
+Each variant runs the SFT stage's own code (posttrain/stages/sft.py) into a scratch folder, one after the other,
 in this process. The loss curve is the Trainer's logged loss at the same steps; `max_abs_loss_diff` and
 `speedup` are against fp32 (padding_free: against fp32_untruncated) at those steps. Tokens/s and the fraction of the fp32 bound are the stage's own figures
-(posttrain/throughput.py). One run per variant: the note says what else was running.
+(posttrain/training/throughput.py). One run per variant: the note says what else was running.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def run_variant(workspace: Path, overrides: dict, scratch: Path) -> dict:
     """The SFT stage with `overrides` on the workspace's params; its loss curve and throughput."""
     import dataclasses
 
-    from posttrain.config import load_params
+    from posttrain.config.schema import load_params
     from posttrain.io import read_json
-    from tasks import sft
+    from posttrain.stages import sft
 
     params = load_params(workspace / "params.yaml")
     params = dataclasses.replace(params, sft=dataclasses.replace(params.sft, training=params.sft.training | overrides))

@@ -2,6 +2,6 @@
 
 import sys
 
-from posttrain.cli import main
+from posttrain.cli.command import main
 
 sys.exit(main())

@@ -97,8 +97,8 @@ def _mlflow_tracking_uri_stays_in_its_test():
 
 def tiny_params(tmp_path: Path | None = None, **section_overrides):
     """params.yaml with the tiny profile and a small slice of GSM8K, as a Params object."""
-    from posttrain.cli import update_params_file
-    from posttrain.config import load_params
+    from posttrain.cli.command import update_params_file
+    from posttrain.config.schema import load_params
 
     workdir = Path(tmp_path or ROOT)
     target = workdir / "params.tiny.yaml"
@@ -124,7 +124,7 @@ def params(session_dir):
 
 @pytest.fixture(scope="session")
 def prepared(params, session_dir) -> Path:
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     out = session_dir / "prepared"
     prepare.run(params, out)
@@ -133,7 +133,7 @@ def prepared(params, session_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(params, session_dir) -> Path:
-    from tasks import base
+    from posttrain.stages import base_model as base
 
     return base.run(params, session_dir / "base")
 
@@ -141,17 +141,17 @@ def tiny_base(params, session_dir) -> Path:
 def task_sources() -> list[str]:
     """Every task's shipped data, by absolute path: `prepare` depends on all of them (whichever data.task
     picks), so a workspace outside the repository must point at each."""
-    from posttrain.config import TASKS
+    from posttrain.config.schema import TASKS
 
     return [f"data.{task}.source={ROOT / 'data' / task}" for task in TASKS]
 
 
 def make_workspace(path: Path, overrides: list[str] | None = None) -> Path:
     """A git+DVC workspace holding this project's pipeline files and the tiny profile."""
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     path.mkdir(parents=True, exist_ok=True)
-    for item in ("params.yaml", "dvc.yaml", "profiles", "tasks", "posttrain"):
+    for item in ("params.yaml", "dvc.yaml", "profiles", "posttrain"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, path / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -272,7 +272,7 @@ def classifier_rm(params, tmp_path_factory):
     once per test run (shared by the xdist workers) and max_length on verifier_case's synthetic task (texts
     of `length` tokens; max_length None means whole texts). Every test that needs a trained verifier takes it
     from here; only tests marked slow may ask for one (it trains)."""
-    from tasks import reward_model
+    from posttrain.stages import reward_model
     from verifier_case import verifier_params, write_splits
 
     folder = tmp_path_factory.mktemp("classifier_rm")

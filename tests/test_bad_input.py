@@ -58,7 +58,7 @@ def workspace(tmp_path_factory):
 
 def with_source(ws: Path, tmp_path: Path, train_lines: list[str] | bytes) -> None:
     """Point data.source at a folder whose train.jsonl holds `train_lines` (or these exact bytes)."""
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     source = tmp_path / "source"
     source.mkdir()
@@ -269,7 +269,7 @@ def foreign_adapter(folder: Path, base_folder: Path, **tiny) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.base import build_tiny_model
+    from posttrain.training.base_models import build_tiny_model
 
     model, tokenizer = build_tiny_model(tiny, seed=0)
     model.save_pretrained(base_folder, safe_serialization=True)
@@ -303,7 +303,7 @@ def test_merge_stage_refuses_an_adapter_trained_on_another_base(workspace, tmp_p
 
 def test_merge_refuses_an_adapter_with_layers_the_base_does_not_have(workspace, tmp_path):
     from posttrain.io import DataError
-    from tasks import merge
+    from posttrain.stages import merge
 
     ws, params, before = workspace
     adapter = foreign_adapter(tmp_path / "adapter", tmp_path / "deeper_base", num_hidden_layers=3)

@@ -16,7 +16,7 @@ DATA = ROOT / "data" / "gsm8k"
 
 
 def test_gsm8k_ships_in_the_repo_as_its_card_says():
-    from posttrain.config import DataConfig, load_params
+    from posttrain.config.schema import DataConfig, load_params
 
     assert DataConfig().source == "data/gsm8k" and load_params(ROOT / "params.yaml").data.source == "data/gsm8k"
     card = (DATA / "README.md").read_text()
@@ -32,7 +32,7 @@ def test_gsm8k_ships_in_the_repo_as_its_card_says():
 @pytest.mark.integration
 def test_a_clone_with_nothing_beside_it_runs_the_tiny_pipeline(tmp_path):
     """The committed HEAD, cloned into an empty folder: no ../shared, no data.source override."""
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     clone = tmp_path / "alone" / "repo"
     clone.parent.mkdir()

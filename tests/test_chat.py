@@ -1,4 +1,4 @@
-"""The persona chat task (posttrain/tasks/chat.py), the seed's mlp_head reward model (posttrain/mlp_head.py),
+"""The persona chat task (posttrain/tasks/chat.py), the seed's mlp_head reward model (posttrain/reward_models/mlp_head.py),
 PPO on it, and the held-out judge, on tiny models.
 
     .venv/bin/python -m pytest tests/test_chat.py -q -m "not slow"     # schema, split, prompts, the head's wiring
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import mlp_head
-from posttrain.config import ConfigError, load_params
+from posttrain.reward_models import mlp_head
+from posttrain.config.schema import ConfigError, load_params
 from posttrain.io import DataError, read_jsonl
-from posttrain.prompts import digest, prompt_text, protocol, rl_prompt, sft_example
+from posttrain.evaluation.prompts import digest, prompt_text, protocol, rl_prompt, sft_example
 from posttrain.tasks import chat, registry
 from tests.conftest import ROOT
 from tests.test_ppo import folder_hash
@@ -68,7 +68,7 @@ def write_source(folder: Path, instructions, preferences=None, as_list=True) -> 
                                                           r"input twice\)'"),
 ])
 def test_instruction_errors_name_the_file_and_line(tmp_path, as_list, bad, message):
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     src = write_source(tmp_path / "src", [instruction(i) for i in range(3)] + [bad] + [instruction(i) for i in range(3, 9)],
                        as_list=as_list)
@@ -86,7 +86,7 @@ def test_instruction_errors_name_the_file_and_line(tmp_path, as_list, bad, messa
     ({"prompt": "p", "chosen": "a?"}, r"expect_column_values_to_not_be_null on 'rejected'"),
 ])
 def test_preference_errors_name_the_file_and_line(tmp_path, bad, message):
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     src = write_source(tmp_path / "src", [instruction(i) for i in range(10)],
                        [preference(i) for i in range(4)] + ["", bad] + [preference(i) for i in range(4, 8)])
@@ -213,7 +213,7 @@ def test_ppo_takes_the_seeds_defaults_for_chat_and_gsm8k_keeps_its_own():
 def test_preflight_lets_chat_ppo_run_on_the_reward_model_alone(tmp_path):
     import shutil
 
-    from posttrain.preflight import validate_file
+    from posttrain.pipeline.preflight import validate_file
 
     target = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", target)
@@ -305,12 +305,12 @@ def test_bradley_terry_loss_by_hand():
 
 
 def test_the_judge_and_the_reward_model_are_different_stages_files_and_data():
-    from posttrain import stages
+    from posttrain.pipeline import graph
 
-    rm, judge = stages.get("reward_model"), stages.get("judge")
+    rm, judge = graph.get("reward_model"), graph.get("judge")
     assert rm.outputs["out_dir"] != judge.outputs["out_dir"]
-    assert judge.outputs["out_dir"] == stages.get("eval_rl").inputs["judge_dir"]
-    assert stages.get("rl").extra_deps == (rm.outputs["out_dir"],)  # the policy reads the RM, never the judge
+    assert judge.outputs["out_dir"] == graph.get("eval_rl").inputs["judge_dir"]
+    assert graph.get("rl").extra_deps == (rm.outputs["out_dir"],)  # the policy reads the RM, never the judge
     assert chat.JUDGE_KIND == "mlp_head" and chat.USES_JUDGE
     assert chat.reward_model_records(list(range(6))) == [0, 2, 4] and chat.judge_records(list(range(6))) == [1, 3, 5]
 
@@ -323,7 +323,7 @@ def chat_tiny_params(folder: Path, *overrides: str):
     import os
     import shutil
 
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     target = folder / "params.chat.yaml"
     shutil.copy(ROOT / "params.yaml", target)
@@ -339,7 +339,7 @@ def chat_tiny_params(folder: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def chat_setup(tmp_path_factory):
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     folder = tmp_path_factory.mktemp("chat")
     params = chat_tiny_params(folder)
@@ -357,7 +357,7 @@ def random_head(tiny_base: Path, out: Path) -> Path:
 
 
 def ppo_setup(params, prepared, rm_dir, **ppo):
-    from tasks import rl
+    from posttrain.stages import rl
 
     p = dataclasses.replace(params, rl=dataclasses.replace(params.rl, ppo=params.rl.ppo | {
         "reward_model_path": str(rm_dir)} | ppo))
@@ -366,13 +366,13 @@ def ppo_setup(params, prepared, rm_dir, **ppo):
 
 def test_ppo_wiring_frozen_reference_kl_zero_at_step_zero_and_a_value_head_on_the_frozen_base(
         chat_setup, tiny_base, tmp_path):
-    """No training: the trainer as run_ppo builds it. The reference is the policy with its adapter off
+    """No training: the trainer as ppo.run builds it. The reference is the policy with its adapter off
     (the same logits as the SFT model, whatever the adapter holds), so at step 0 the KL is 0; the value
     model is the frozen base with a trainable copy of the reward model's head; the reward model is frozen."""
     from transformers import AutoModelForCausalLM
     from trl.experimental.ppo.ppo_trainer import forward
 
-    from posttrain import ppo
+    from posttrain.methods import ppo
 
     params, prepared = chat_setup
     p, dataset = ppo_setup(params, prepared, random_head(tiny_base, tmp_path / "rm"))
@@ -415,7 +415,7 @@ def test_ppo_wiring_frozen_reference_kl_zero_at_step_zero_and_a_value_head_on_th
 
 @pytest.fixture(scope="module")
 def trained_rm(chat_setup, tiny_base, tmp_path_factory):
-    from tasks import reward_model
+    from posttrain.stages import reward_model
 
     params, prepared = chat_setup
     out = tmp_path_factory.mktemp("chat_rm") / "reward_model"
@@ -430,7 +430,7 @@ def trained_rm(chat_setup, tiny_base, tmp_path_factory):
 def test_mlp_head_stage_trains_and_saves_only_the_head_with_a_pointer_to_its_base(chat_setup, tiny_base, trained_rm):
     from safetensors.torch import load_file
 
-    from tasks import reward_model
+    from posttrain.stages import reward_model
 
     params, prepared = chat_setup
     assert sorted(p.name for p in trained_rm.iterdir()) == ["eval.json", "head.safetensors", "mlp_head.json",
@@ -488,7 +488,7 @@ def test_pairwise_loss_falls_on_a_separable_fixture(head_model):
 @pytest.mark.slow
 def test_ppo_on_the_mlp_head_reward_starts_at_kl_zero_and_leaves_the_reward_model_alone(
         chat_setup, tiny_base, trained_rm, tmp_path):
-    from posttrain import ppo
+    from posttrain.methods import ppo
 
     params, prepared = chat_setup
     p, dataset = ppo_setup(params, prepared, trained_rm, learning_rate=5e-2, temperature=1.5)
@@ -545,7 +545,9 @@ def test_chat_run_end_to_end_through_dvc_repro_and_the_gate(tmp_path):
 def test_without_a_preference_file_rejected_replies_are_seeded_base_samples(tiny_base, tmp_path):
     """data.chat.preferences "": chosen = the reference output, rejected = a base-model sample drawn with
     params.seed (recorded); the reward model and the judge learn from disjoint instructions."""
-    from tasks import judge, prepare, reward_model
+    from posttrain.stages import judge
+    from posttrain.stages import prepare
+    from posttrain.stages import reward_model
 
     params = chat_tiny_params(tmp_path, 'data.chat.preferences=""', "reward_model.n_examples=8",
                               "reward_model.mlp_head.sample_max_new_tokens=6")

@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from conftest import ROOT
-from posttrain.cli import build_parser, main
+from posttrain.cli.command import build_parser, main
 
 
 def test_every_subcommand_has_help(capsys):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from posttrain import stages
+from posttrain.pipeline import graph
 from test_pipeline import _run
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -18,7 +18,7 @@ EVALS = {"eval_base", "eval_sft", "eval_rl"}
 
 @functools.cache
 def _dvc_stages() -> dict:
-    return stages.dvc_stages()  # every stage's import closure: computed once, not once per deps_of call
+    return graph.dvc_stages()  # every stage's import closure: computed once, not once per deps_of call
 
 
 def deps_of(name: str) -> set[str]:
@@ -26,18 +26,18 @@ def deps_of(name: str) -> set[str]:
 
 
 def test_stage_deps_follow_the_imports_of_the_task_module():
-    # tasks/rl.py imports these inside functions (`from posttrain import reinforce`, ...), training at module level
-    assert {"posttrain/reinforce.py", "posttrain/draft.py", "posttrain/hybrid.py", "posttrain/ppo.py",
-            "posttrain/rewards.py", "posttrain/training.py", "tasks/rl.py"} <= deps_of("rl")
-    for name in EVALS:  # tasks/evaluate.py -> evaluation.py -> gsm8k, prompts and (inside functions) decoding
-        assert {"posttrain/gsm8k.py", "posttrain/decoding.py", "posttrain/prompts.py", "posttrain/evaluation.py",
-                "tasks/evaluate.py"} <= deps_of(name)
-        assert not {"posttrain/reinforce.py", "posttrain/training.py"} & deps_of(name)
-    assert {"posttrain/training.py", "posttrain/prompts.py", "tasks/sft.py"} <= deps_of("sft")
-    assert "posttrain/reinforce.py" not in deps_of("sft")
-    for stage in stages.STAGES:  # the runner runs every stage; the entry point's dispatch (cli.py) does not count
-        assert "posttrain/runner.py" in deps_of(stage.name) and "posttrain/cli.py" not in deps_of(stage.name)
-        code = stages.stage_code_deps(stage)
+    # posttrain/stages/rl.py imports these inside functions (through posttrain/methods/registry.py), training at module level
+    assert {"posttrain/methods/reinforce.py", "posttrain/methods/draft.py", "posttrain/methods/hybrid.py", "posttrain/methods/ppo.py",
+            "posttrain/rewards/functions.py", "posttrain/training/trainer.py", "posttrain/stages/rl.py"} <= deps_of("rl")
+    for name in EVALS:  # posttrain/stages/evaluate.py -> evaluation.py -> gsm8k, prompts and (inside functions) decoding
+        assert {"posttrain/tasks/gsm8k_answers.py", "posttrain/evaluation/decoding.py", "posttrain/evaluation/prompts.py", "posttrain/evaluation/evaluator.py",
+                "posttrain/stages/evaluate.py"} <= deps_of(name)
+        assert not {"posttrain/methods/reinforce.py", "posttrain/training/trainer.py"} & deps_of(name)
+    assert {"posttrain/training/trainer.py", "posttrain/evaluation/prompts.py", "posttrain/stages/sft.py"} <= deps_of("sft")
+    assert "posttrain/methods/reinforce.py" not in deps_of("sft")
+    for stage in graph.STAGES:  # the runner runs every stage; the entry point's dispatch (cli.py) does not count
+        assert "posttrain/pipeline/runner.py" in deps_of(stage.name) and "posttrain/cli/command.py" not in deps_of(stage.name)
+        code = graph.stage_code_deps(stage)
         assert code == sorted(code) and all((ROOT / path).is_file() for path in code)
 
 
@@ -75,8 +75,8 @@ def test_changed_code_flags_exactly_the_stages_that_run_it(workspace_copy):
     # gsm8k.py (answer extraction, calculator-note stripping) runs wherever the task layer runs: reading and
     # splitting the data, prompts, reward-model data, scoring; decoding.py only in the evaluator.
     uses_gsm8k = {"prepare", "reward_model", "judge", "sft", "rl"} | EVALS
-    for module, expected in (("posttrain/reinforce.py", {"rl"}), ("posttrain/gsm8k.py", uses_gsm8k),
-                             ("posttrain/decoding.py", EVALS)):
+    for module, expected in (("posttrain/methods/reinforce.py", {"rl"}), ("posttrain/tasks/gsm8k_answers.py", uses_gsm8k),
+                             ("posttrain/evaluation/decoding.py", EVALS)):
         original = (ws / module).read_text()
         (ws / module).write_text(original + "# a changed line\n")
         assert _flagged(ws) == expected, module
@@ -91,7 +91,7 @@ def test_changed_code_flags_exactly_the_stages_that_run_it(workspace_copy):
 
     # Reproducing after a change to RL-only code reruns rl and, if its model changed, what reads it; never
     # the stages before it.
-    (ws / "posttrain/reinforce.py").write_text((ws / "posttrain/reinforce.py").read_text() + "# a changed line\n")
+    (ws / "posttrain/methods/reinforce.py").write_text((ws / "posttrain/methods/reinforce.py").read_text() + "# a changed line\n")
     again = _run([DVC, "repro"], ws)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage '")}

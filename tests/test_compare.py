@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from posttrain.gate import bootstrap_interval, mcnemar_exact
+from posttrain.release.gate import bootstrap_interval, mcnemar_exact
 
 # 10 items: A right on 0-5, B right on 0-2 and 6: both right 3, only A 3, only B 1, both wrong 3
 A_RIGHT = [i < 6 for i in range(10)]
@@ -43,7 +43,7 @@ def workspace(tmp_path, monkeypatch):
 
 
 def test_two_report_folders_paired(workspace, capsys):
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     assert main(["compare", "a", "b", "--show", "2"]) == 0
     out = capsys.readouterr().out
@@ -59,7 +59,7 @@ def test_two_report_folders_paired(workspace, capsys):
 
 
 def test_different_protocols_are_refused_in_one_line(workspace, capsys):
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     write_report(workspace / "c", B_RIGHT, "answer of C", protocol_hash="p2")
     assert main(["compare", "a", "c"]) == 2
@@ -71,7 +71,7 @@ def test_different_protocols_are_refused_in_one_line(workspace, capsys):
 
 
 def test_not_a_report_or_model_is_refused(workspace, capsys):
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     assert main(["compare", "a", "nowhere"]) == 2
     assert capsys.readouterr().err.startswith("error: nowhere: neither an eval report folder")
@@ -81,13 +81,13 @@ def test_registered_versions_by_number_and_alias(workspace, capsys):
     import mlflow
     from mlflow import MlflowClient
 
-    from posttrain import tracking
-    from posttrain.cli import main
+    from posttrain.release import tracking
+    from posttrain.cli.command import main
 
     tracking.setup(workspace)
     client = MlflowClient()
     client.create_registered_model("gsm8k-policy")
-    for folder in ("a", "b"):  # as tasks/promote.py logs them: eval/metrics.json, eval/records.jsonl
+    for folder in ("a", "b"):  # as posttrain/stages/promote.py logs them: eval/metrics.json, eval/records.jsonl
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(workspace / folder), artifact_path="eval")
         client.create_model_version("gsm8k-policy", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from posttrain.config import ConfigError, apply_overrides, load_params, parse_override
+from posttrain.config.schema import ConfigError, apply_overrides, load_params, parse_override
 
 
 @pytest.mark.parametrize("profile", [None, "tiny", "full"])
@@ -14,8 +14,8 @@ def test_params_and_profiles_build_every_library_config(profile, tmp_path):
     from transformers import TrainingArguments
     from trl import GRPOConfig, SFTConfig
 
-    from posttrain.cli import update_params_file
-    from posttrain.training import trainer_kwargs
+    from posttrain.cli.command import update_params_file
+    from posttrain.training.trainer import trainer_kwargs
 
     target = tmp_path / "params.yaml"
     target.write_text((ROOT / "params.yaml").read_text())
@@ -60,7 +60,7 @@ def test_shipped_library_fields_are_the_installed_libraries_fields():
     `make library-fields`."""
     import json
 
-    from posttrain import config
+    from posttrain.config import schema as config
 
     shipped = json.loads(config.LIBRARY_FIELDS_FILE.read_text())
     assert shipped["versions"] == config._installed_versions(), "stale: run make library-fields"
@@ -74,7 +74,7 @@ def test_library_fields_of_other_versions_are_read_from_the_libraries(tmp_path, 
     installed libraries have is accepted and a typo still refused, with the libraries themselves asked."""
     import json
 
-    from posttrain import config
+    from posttrain.config import schema as config
 
     stale = tmp_path / "library_fields.json"
     stale.write_text(json.dumps({"versions": {"transformers": "0.0.1", "trl": "0", "peft": "0"},
@@ -111,7 +111,7 @@ def test_overrides():
 
 
 def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch):
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     monkeypatch.chdir(ROOT)
     target = tmp_path / "params.yaml"
@@ -134,7 +134,7 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
     ("sft.training.learning_rate=nan", r"'sft.training.learning_rate' must be a finite number, got nan"),
     ("rl.training.temperature=.inf", r"'rl.training.temperature' must be a finite number, got inf"),
     ("sft.lora.r=0", r"'sft.lora.r' must be >= 1, got 0"),
-    ("rl.method=dpo", r"'rl.method' must be one of grpo, reinforce, ppo, draft, hybrid, got 'dpo'"),
+    ("rl.method=dpo", r"'rl.method' must be one of draft, grpo, hybrid, ppo, reinforce, got 'dpo'"),
     ("reward_model.kind=mlp", r"'reward_model.kind' must be one of"),
     ("eval.batch_size=0", r"'eval.batch_size' must be >= 1, got 0"),
     ("sft.training.per_device_train_batch_size=0", r"'sft.training.per_device_train_batch_size' must be >= 1"),
@@ -149,7 +149,7 @@ def test_bad_values_are_refused_up_front_naming_params_yaml_and_line(tmp_path, m
     import re
     import shutil
 
-    from posttrain.preflight import update_params_file
+    from posttrain.pipeline.preflight import update_params_file
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -166,8 +166,8 @@ def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):
     """bf16 autocast runs in the TRL trainers; reinforce's own loop would silently ignore it."""
     import shutil
 
-    from posttrain.config import load_params
-    from posttrain.preflight import update_params_file
+    from posttrain.config.schema import load_params
+    from posttrain.pipeline.preflight import update_params_file
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -178,11 +178,12 @@ def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):
 
 
 def test_the_registries_and_the_names_params_accept_agree():
-    from posttrain.config import REWARD_MODEL_KINDS, RL_METHODS
-    from tasks import reward_model, rl
+    from posttrain.config.schema import REWARD_MODEL_KINDS, RL_METHODS
+    from posttrain.methods.registry import METHODS
+    from posttrain.reward_models.training import KINDS
 
-    assert set(rl.METHODS) == set(RL_METHODS)
-    assert set(reward_model.KINDS) == set(REWARD_MODEL_KINDS)
+    assert set(METHODS) == set(RL_METHODS)
+    assert set(KINDS) == set(REWARD_MODEL_KINDS)
 
 
 def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_path, monkeypatch):
@@ -191,7 +192,9 @@ def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_pa
     failed check does not."""
     import shutil
 
-    from posttrain import config, preflight
+    from posttrain.config import schema as config
+
+    from posttrain.pipeline import preflight
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     builds = []

@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
-from posttrain import console, lifecycle
-from posttrain.summary import headline
+from posttrain.pipeline import console
+
+from posttrain.pipeline import lifecycle
+from posttrain.pipeline.summary import headline
 
 NOISY_STAGE = r"""
 import sys, time

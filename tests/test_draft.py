@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from posttrain import draft
-from posttrain.modelstore import save_merged
-from tasks import reward_model, rl
+from posttrain.methods import draft
+from posttrain.release.modelstore import save_merged
+from posttrain.reward_models import training as reward_training
+from posttrain.stages import reward_model
+from posttrain.stages import rl
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def untrained_encoder_rm(params, tmp_path_factory):
     """The reward_model stage's tiny encoder with its one-logit head, as built before training and saved as the
     stage saves it: for what does not depend on trained weights (where gradients flow)."""
     out = tmp_path_factory.mktemp("draft") / "untrained_reward_model"
-    model, tokenizer = reward_model.load_encoder("tiny", params.seed)
+    model, tokenizer = reward_training.load_encoder("tiny", params.seed)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -59,7 +61,7 @@ def test_gradients_reach_adapters_and_projection_but_not_the_frozen_reward_model
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain.training import lora_config
+    from posttrain.training.trainer import lora_config
 
     torch.manual_seed(0)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), lora_config({"r": 4}))

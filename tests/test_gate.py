@@ -2,7 +2,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posttrain.gate import GateRefused, bootstrap_interval, check_same_protocol, decide, mcnemar_exact, pair_records
+from posttrain.release.gate import GateRefused, bootstrap_interval, check_same_protocol, decide, mcnemar_exact, pair_records
 
 
 def outcomes(n_both, n_cand, n_base, n_none):

@@ -1,6 +1,6 @@
 import pytest
 
-from posttrain.gsm8k import (extract_flexible, extract_strict, gold_answer, has_final_answer_line, numbers_match,
+from posttrain.tasks.gsm8k_answers import (extract_flexible, extract_strict, gold_answer, has_final_answer_line, numbers_match,
                              parse_number, score, strip_calculator_notes)
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from posttrain import hybrid
-from posttrain.modelstore import save_merged
-from tasks import rl
+from posttrain.methods import hybrid
+from posttrain.release.modelstore import save_merged
+from posttrain.stages import rl
 
 
 def test_step_kinds_follow_ratio_and_curriculum():
@@ -58,7 +58,7 @@ def test_hybrid_stage_alternates_sft_and_rl_steps(params, prepared, tiny_base, t
 
 
 def test_group_relative_advantages_use_each_prompts_own_mean():
-    from posttrain.reinforce import advantages
+    from posttrain.methods.reinforce import advantages
 
     rewards = torch.tensor([1.0, 0.0, 5.0, 5.0, 2.0, 4.0])
     grouped = advantages(rewards, group_size=2)
@@ -96,7 +96,7 @@ def test_ppo_losses_clip_by_hand():
 def test_reinforce_kl_settings_by_hand():
     import math
 
-    from posttrain.reinforce import Settings, sequence_kl
+    from posttrain.methods.reinforce import Settings, sequence_kl
 
     logp, ref, mask = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -1.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
     k1_mean = sequence_kl(logp, ref, mask, Settings("k1", "token_mean"))
@@ -132,13 +132,13 @@ def test_seed002_profile_sets_the_seeds_reinforce(tmp_path, monkeypatch):
     import shutil
 
     from conftest import ROOT
-    from posttrain.preflight import update_params_file
+    from posttrain.pipeline.preflight import update_params_file
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     monkeypatch.chdir(tmp_path)
     update_params_file(tmp_path / "params.yaml", "seed002", [])  # validated before it is written
-    from posttrain.config import load_params
+    from posttrain.config.schema import load_params
 
     rl_cfg = load_params(tmp_path / "params.yaml").rl
     assert rl_cfg.method == "reinforce" and rl_cfg.training["beta"] == 0.1 and rl_cfg.training["top_p"] == 0.9

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_workspace
-from posttrain import lifecycle
+from posttrain.pipeline import lifecycle
 
-HOLD_LOCK = ("import sys, time; sys.path.insert(0, {root!r}); from posttrain import lifecycle\n"
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, {root!r}); from posttrain.pipeline import lifecycle\n"
              "with lifecycle.workspace_lock({ws!r}):\n    print('held', flush=True); time.sleep({seconds})")
 
 
@@ -79,7 +79,7 @@ def test_a_lock_dies_with_its_holder(tmp_path):
 
 def test_a_busy_dvc_lock_is_not_retried(tmp_path):
     """A `dvc repro` by hand holds DVC's lock: the stage is refused as busy, and Prefect's retry condition says no."""
-    from flows import pipeline
+    from posttrain.pipeline import flow as pipeline
 
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); "
@@ -110,7 +110,7 @@ def test_orphaned_runs_of_this_workspace_are_marked_killed(tmp_path, monkeypatch
     import mlflow
     from mlflow import MlflowClient
 
-    from posttrain import tracking
+    from posttrain.release import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.setup(tmp_path)
@@ -166,7 +166,7 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     # The session's reproduced workspace (a copy): the stages before SFT are reused and the runs start at SFT.
     # Enough steps that SFT lasts several seconds on a quiet machine: the tiny model trains ~16 steps/s, and with
     # save_total_limit 1 each checkpoint replaces the last, so a test waiting for one exact checkpoint can miss it.
-    from posttrain.cli import update_params_file
+    from posttrain.cli.command import update_params_file
 
     ws = workspace_copy
     update_params_file(ws / "params.yaml", None, ["sft.training.max_steps=160", "sft.training.save_steps=4"])
@@ -224,7 +224,7 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
 @pytest.mark.integration
 def test_a_failing_stage_stops_the_flow_and_fails_the_parent_run(tmp_path):
     ws = make_workspace(tmp_path / "ws")
-    module = ws / "tasks" / "reward_model.py"
+    module = ws / "posttrain" / "stages" / "reward_model.py"
     module.write_text(module.read_text() + "\n\ndef run(*args, **kwargs):\n    raise RuntimeError('boom')\n")
     done = subprocess.run([sys.executable, "-m", "posttrain", "-q", "run"], cwd=ws, env=env_for(ws),
                           capture_output=True, text=True, timeout=900)

@@ -38,7 +38,9 @@ def build_chain(params, base_dir: Path, models: Path, seed: int = 1):
     returns the state dict of the RL policy merged in this process (what the rl stage used to save)."""
     from transformers import AutoTokenizer
 
-    from tasks import merge, rl
+    from posttrain.stages import merge
+
+    from posttrain.stages import rl
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     sft = _adapter(base_dir, seed)
@@ -65,8 +67,8 @@ def chain(params, tiny_base, tmp_path):
 
 
 def test_rl_output_is_an_adapter_that_rebuilds_the_merged_model(chain):
-    from posttrain import modelstore
-    from posttrain.evaluation import load_model
+    from posttrain.release import modelstore
+    from posttrain.evaluation.evaluator import load_model
 
     models, merged = chain
     rl_dir = models / "rl"
@@ -82,7 +84,7 @@ def test_rl_output_is_an_adapter_that_rebuilds_the_merged_model(chain):
 
 
 def test_an_adapter_whose_base_changed_is_refused(chain):
-    from posttrain import modelstore
+    from posttrain.release import modelstore
 
     models, _ = chain
     config = json.loads((models / "sft" / "config.json").read_text())
@@ -94,8 +96,8 @@ def test_an_adapter_whose_base_changed_is_refused(chain):
 
 def promote(params, tmp_path: Path, candidate: Path, n_right: int, label: str) -> dict:
     """One promote stage run for `candidate`, judged n_right of 100 (base: 10 of 100)."""
-    from posttrain import tracking
-    from tasks import promote as stage
+    from posttrain.release import tracking
+    from posttrain.stages import promote as stage
 
     questions = [f"q{i}" for i in range(100)]
     p = dataclasses.replace(params, promote=dataclasses.replace(params.promote, n_bootstrap=300))
@@ -107,9 +109,9 @@ def promote(params, tmp_path: Path, candidate: Path, n_right: int, label: str) -
 
 def test_a_registered_version_holds_adapters_and_loads_in_one_call(params, chain, registry, tmp_path, prepared,
                                                                    capsys):
-    from posttrain import modelstore
-    from posttrain.cli import main
-    from posttrain.evaluation import load_model
+    from posttrain.release import modelstore
+    from posttrain.cli.command import main
+    from posttrain.evaluation.evaluator import load_model
 
     client = registry.MlflowClient()
 
@@ -153,7 +155,7 @@ def _plain_candidate(path: Path, label: str) -> Path:
 
 
 def test_gc_keeps_the_champion_and_the_last_n(params, registry, tmp_path, monkeypatch, capsys):
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     client = registry.MlflowClient()
 
@@ -211,9 +213,9 @@ def test_dvc_links_its_cache_and_gc_keeps_what_registered_versions_need(params, 
     rewrites its output folder works, a second repro is a no-op. A version registered on base A still loads
     after the workspace moved to base B and its folder is gone: gc keeps A's cache entry (pinned by the
     version's tag) and drops only what nothing uses; the loader rebuilds A from the DVC cache."""
-    from posttrain import modelstore
-    from posttrain.cli import main
-    from posttrain.evaluation import load_model
+    from posttrain.release import modelstore
+    from posttrain.cli.command import main
+    from posttrain.evaluation.evaluator import load_model
 
     client = registry.MlflowClient()
 

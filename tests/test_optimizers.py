@@ -13,7 +13,7 @@ import torch
 def test_optimizer_and_schedule_by_name_take_a_step(optim, expected, tmp_path):
     from trl import GRPOConfig
 
-    from posttrain.reinforce import optimizer_and_scheduler
+    from posttrain.methods.reinforce import optimizer_and_scheduler
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 1))
@@ -69,7 +69,7 @@ def _one_step(optimizer, scheduler, trainable):
 def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tmp_path):
     import bitsandbytes.optim
 
-    from posttrain import optim
+    from posttrain.training import optim
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 1))
@@ -98,7 +98,7 @@ def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tm
 ])
 @pytest.mark.slow  # optimizer steps: training, however small
 def test_seed_schedule_names_build_the_torch_class(name, cls, kwargs, lrs, tmp_path):
-    from posttrain import optim
+    from posttrain.training import optim
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.SGD([weight], lr=1e-2)
@@ -116,7 +116,7 @@ def test_seed_schedule_names_build_the_torch_class(name, cls, kwargs, lrs, tmp_p
 
 
 def test_unknown_names_and_kwargs_are_refused(tmp_path):
-    from posttrain import optim
+    from posttrain.training import optim
 
     with pytest.raises(ValueError, match="unknown optimizer 'adam_7bit'"):
         optim.optimizer_class("adam_7bit")
@@ -129,7 +129,7 @@ def test_unknown_names_and_kwargs_are_refused(tmp_path):
 
 @pytest.mark.slow  # optimizer steps: training, however small
 def test_cosine_with_min_lr_gets_its_kwargs_and_plateau_waits_for_a_metric(tmp_path):
-    from posttrain import optim
+    from posttrain.training import optim
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.SGD([weight], lr=1e-2)
@@ -156,10 +156,10 @@ def test_gradient_accumulation_over_k_micro_batches_equals_one_k_times_batch(tmp
     import copy
 
     from peft import get_peft_model
-    from tasks.base import build_tiny_model
+    from posttrain.training.base_models import build_tiny_model
 
-    from posttrain import reinforce
-    from posttrain.training import lora_config
+    from posttrain.methods import reinforce
+    from posttrain.training.trainer import lora_config
 
     model, _ = build_tiny_model({}, seed=0)
     policy = get_peft_model(model, lora_config({"r": 4, "lora_alpha": 8, "init_lora_weights": False}))

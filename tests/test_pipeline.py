@@ -9,31 +9,31 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from posttrain import stages
+from posttrain.pipeline import graph
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def test_dvc_yaml_is_generated_from_the_stage_graph():
-    assert (ROOT / "dvc.yaml").read_text() == stages.dvc_yaml_text(), "run `posttrain dvc-yaml`"
+    assert (ROOT / "dvc.yaml").read_text() == graph.dvc_yaml_text(), "run `posttrain dvc-yaml`"
 
 
 def test_stage_graph_is_ordered_and_every_input_has_a_producer():
     produced = set()
-    for stage in stages.STAGES:
+    for stage in graph.STAGES:
         for path in stage.inputs.values():
             assert any(path == out or path.startswith(out + "/") for out in produced), (stage.name, path)
         produced |= set(stage.outputs.values()) | ({stage.metrics} if stage.metrics else set())
         import importlib
 
-        assert hasattr(importlib.import_module(f"tasks.{stage.module}"), "run")
+        assert hasattr(importlib.import_module(f"posttrain.stages.{stage.module}"), "run")
 
 
 @pytest.fixture(scope="module")
 def varied_tiny_model():
     """A tiny random Llama whose greedy text varies with position and context (the default init
     repeats one token, which would hide position or cache mistakes)."""
-    from tasks.base import build_tiny_model
+    from posttrain.training.base_models import build_tiny_model
 
     model, tokenizer = build_tiny_model({"initializer_range": 0.3}, seed=42)
     return model.eval(), tokenizer
@@ -43,7 +43,7 @@ def test_evaluator_generations_match_the_straightforward_loop(varied_tiny_model)
     """Dropping finished rows and stopping after the answer line only cut text after the answer."""
     import torch
 
-    from posttrain.evaluation import AnswerLineStop, generate, generate_straightforward
+    from posttrain.evaluation.evaluator import AnswerLineStop, generate, generate_straightforward
 
     model, tokenizer = varied_tiny_model
     prompts = [f"Question: what is {i} + {i}?" + " Think." * (i % 4) + "\nAnswer:" for i in range(7)]
@@ -72,7 +72,7 @@ def test_continuous_batching_gives_each_row_its_own_decode(varied_tiny_model, mo
     shared prompt start is computed once; every row still gets exactly the tokens it gets when decoded alone."""
     import torch
 
-    from posttrain import decoding
+    from posttrain.evaluation import decoding
 
     model, tokenizer = varied_tiny_model
     assert decoding.shared_prefix_length([tokenizer(p).input_ids for p in PROMPTS]) >= 3
@@ -127,9 +127,9 @@ def test_sliding_window_models_fall_back_to_transformers_generate(capsys):
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from posttrain import decoding
-    from posttrain.evaluation import generate, generate_straightforward
-    from tasks.base import build_tiny_tokenizer
+    from posttrain.evaluation import decoding
+    from posttrain.evaluation.evaluator import generate, generate_straightforward
+    from posttrain.training.base_models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
@@ -176,14 +176,14 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
     runs = client.search_runs(client.get_experiment_by_name("posttrain-gsm8k").experiment_id)
     parent = [r for r in runs if r.data.tags.get("posttrain.pipeline") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(parent) == 1 and {r.data.tags["posttrain.stage"] for r in children} == {s.name for s in stages.STAGES}
+    assert len(parent) == 1 and {r.data.tags["posttrain.stage"] for r in children} == {s.name for s in graph.STAGES}
     version = client.get_model_version("gsm8k-policy", "1")
     assert "protocol_hash" in version.tags and "# gsm8k-policy" in version.description  # the model card
 
-    # The gate decided what the data determine: posttrain.gate.decide on the paired per-question records
+    # The gate decided what the data determine: posttrain.release.gate.decide on the paired per-question records
     # of the eval reports (no champion yet, so the base model is the baseline), and `champion` moved iff so.
-    from posttrain.config import load_params
-    from posttrain.gate import decide, pair_records
+    from posttrain.config.schema import load_params
+    from posttrain.release.gate import decide, pair_records
 
     def expected_decision():
         params = load_params(ws / "params.yaml")
@@ -208,7 +208,7 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
     # Changing one eval knob reruns only the eval stages and the gate.
     changed = _run([sys.executable, "-m", "posttrain", "-q", "run", "-S", "eval.max_new_tokens=10"], ws)
     assert changed.returncode == 0, changed.stderr[-2000:]
-    from posttrain.console import STAGE_LINE  # one console line per stage: name, ran | reused, time, figure
+    from posttrain.pipeline.console import STAGE_LINE  # one console line per stage: name, ran | reused, time, figure
 
     lines = [STAGE_LINE.match(line) for line in changed.stdout.splitlines()]
     ran = {m.group(1) for m in lines if m and m.group(2) == "ran"}

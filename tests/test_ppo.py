@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from posttrain.io import read_jsonl
-from posttrain.modelstore import save_merged
-from tasks import reward_model, rl
+from posttrain.release.modelstore import save_merged
+from posttrain.reward_models import training as reward_training
+from posttrain.stages import reward_model
+from posttrain.stages import rl
 
 
 def with_section(params, name, **changes):
@@ -50,11 +52,11 @@ def pairwise_rm(params, prepared, tiny_base, tmp_path_factory):
 
 
 def test_preference_pairs_follow_the_eval_protocol(params, prepared):
-    from posttrain.gsm8k import gold_answer, numbers_match
-    from posttrain.prompts import rl_prompt
+    from posttrain.tasks.gsm8k_answers import gold_answer, numbers_match
+    from posttrain.evaluation.prompts import rl_prompt
 
     records = read_jsonl(prepared / "train.jsonl")[:6]
-    pairs = reward_model.build_pairs(records, 12, params.seed, params.eval)
+    pairs = reward_training.build_pairs(records, 12, params.seed, params.eval)
     assert len(pairs) == 6
     for record, pair in zip(records, pairs):
         assert pair["prompt"] == rl_prompt(record, params.eval)["prompt"]  # the prompt PPO rolls out from
@@ -64,7 +66,7 @@ def test_preference_pairs_follow_the_eval_protocol(params, prepared):
         assert not numbers_match(gold_answer(rejected), gold)
         assert chosen.rsplit("####", 1)[0] == rejected.rsplit("####", 1)[0]  # only the final number differs
     plain = dataclasses.replace(params.eval, prompt_style="plain")
-    pair = reward_model.build_pairs(records, 2, params.seed, plain)[0]
+    pair = reward_training.build_pairs(records, 2, params.seed, plain)[0]
     assert pair["prompt"].startswith("Question: ") and pair["prompt"].endswith("Answer:")
     assert pair["chosen"].startswith(" ") and "####" in pair["chosen"] and "####" in pair["rejected"]
 
@@ -117,7 +119,7 @@ def test_pairwise_reward_model_trains_and_reports_pairwise_accuracy(params, prep
 
     values = reward_model.metrics(pairwise_rm)
     p = pairwise_params(params)
-    val_pairs = reward_model.build_pairs(read_jsonl(prepared / "val.jsonl"), min(p.reward_model.n_examples, 128),
+    val_pairs = reward_training.build_pairs(read_jsonl(prepared / "val.jsonl"), min(p.reward_model.n_examples, 128),
                                          p.seed + 1, p.eval)
     assert values["n_val_pairs"] == len(val_pairs) and values["n_train_pairs"] == p.reward_model.n_examples // 2
     # The reported metric is P(score(chosen) > score(rejected)) on the validation pairs: recompute it.
@@ -125,7 +127,7 @@ def test_pairwise_reward_model_trains_and_reports_pairwise_accuracy(params, prep
     assert values["val_pairwise_accuracy"] == pytest.approx(float((scores[:, 0] > scores[:, 1]).float().mean()))
     assert values["val_margin"] == pytest.approx(float((scores[:, 0] - scores[:, 1]).mean()), abs=1e-4)
     # Training moved the scores towards the preferences on the pairs it saw.
-    train_pairs = reward_model.build_pairs(read_jsonl(prepared / "train.jsonl"), p.reward_model.n_examples, p.seed, p.eval)
+    train_pairs = reward_training.build_pairs(read_jsonl(prepared / "train.jsonl"), p.reward_model.n_examples, p.seed, p.eval)
     set_seed(p.seed)
     untrained = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
     before, after = _pair_scores(untrained, tokenizer, train_pairs), _pair_scores(pairwise_rm, tokenizer, train_pairs)
@@ -147,7 +149,9 @@ def test_rule_terms_are_added_to_the_reward_model_score(params, prepared, tiny_b
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.utils import get_reward
 
-    from posttrain import ppo, rewards
+    from posttrain.methods import ppo
+
+    from posttrain.rewards import functions as rewards
 
     p = with_section(params, "rl", max_prompts=2)
     dataset = rl.build_dataset(read_jsonl(prepared / "train.jsonl"), p)
@@ -176,13 +180,13 @@ def test_rule_terms_are_added_to_the_reward_model_score(params, prepared, tiny_b
 
 
 def test_ppo_config_comes_from_params_and_profiles(params, tmp_path):
-    from posttrain import ppo
+    from posttrain.methods import ppo
 
     args = ppo.ppo_config(params, tmp_path)
     assert args.total_episodes == params.rl.ppo["total_episodes"] and args.response_length == params.rl.ppo["response_length"]
     assert args.use_cpu and not args.bf16 and args.stop_token == "eos" and args.save_strategy == "no"
     from conftest import ROOT
-    from posttrain.config import load_params
+    from posttrain.config.schema import load_params
 
     quick = load_params(ROOT / "params.yaml")
     assert quick.rl.method == "grpo"  # ppo is configured, not switched on
@@ -217,11 +221,11 @@ def test_ppo_stage_updates_the_policy_and_logs_reward_and_kl(params, prepared, t
 def test_ppo_reference_is_the_frozen_policy_without_its_adapter(params, prepared, tiny_base, pairwise_rm, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from posttrain import ppo
+    from posttrain.methods import ppo
 
     p = ppo_params(params, pairwise_rm)
     dataset = rl.build_dataset(read_jsonl(prepared / "train.jsonl"), p)
-    policy, tokenizer, log = ppo.run_ppo(p, tiny_base, dataset, tmp_path / "ckpt")
+    policy, tokenizer, log = ppo.run(p, tiny_base, dataset, tmp_path / "ckpt")
     reference = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     policy.eval()
     ids = torch.randint(0, reference.config.vocab_size, (2, 19))

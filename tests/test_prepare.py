@@ -3,7 +3,7 @@ import json
 import pytest
 
 from posttrain.io import DataError
-from tasks import prepare
+from posttrain.stages import prepare
 
 
 def test_split_is_reproducible_and_disjoint(params, prepared, tmp_path):

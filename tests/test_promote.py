@@ -25,7 +25,7 @@ def registry(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from posttrain import tracking
+    from posttrain.release import tracking
 
     tracking.setup(tmp_path)
     yield mlflow
@@ -33,8 +33,8 @@ def registry(tmp_path, monkeypatch):
 
 
 def promote_once(params, tmp_path, name, correct, protocol_hash="p1", fresh=True):
-    from posttrain import tracking
-    from tasks import promote
+    from posttrain.release import tracking
+    from posttrain.stages import promote
 
     model = tmp_path / f"model_{name}"
     model.mkdir(exist_ok=not fresh)
@@ -67,7 +67,7 @@ def test_gate_promotes_on_evidence_and_refuses_a_worse_model(params, tmp_path, r
 
 
 def test_gate_command_exit_codes(tmp_path, monkeypatch):
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["gate"]) == 2  # no decision yet
@@ -110,7 +110,7 @@ def test_a_retried_promote_reuses_the_version_it_registered(params, tmp_path, re
     """A crash between create_model_version and the alias move, then a retry: one version, and the alias on it."""
     from mlflow import MlflowClient
 
-    from posttrain import tracking
+    from posttrain.release import tracking
 
     p = dataclasses.replace(params, promote=dataclasses.replace(params.promote, n_bootstrap=500))
     original = MlflowClient.set_registered_model_alias
@@ -174,8 +174,8 @@ def test_registry_errors_fail_the_gate_instead_of_meaning_no_champion(params, tm
                                                                       error_code):
     import mlflow
 
-    from posttrain.tracking import RegistryError
-    from tasks import promote
+    from posttrain.release.tracking import RegistryError
+    from posttrain.stages import promote
 
     server = _FailingRegistry(status, error_code)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -198,13 +198,13 @@ def test_registry_errors_fail_the_gate_instead_of_meaning_no_champion(params, tm
 def test_not_found_means_no_champion(params, tmp_path, monkeypatch):
     import mlflow
 
-    from tasks import promote
+    from posttrain.release import registry
 
     server = _FailingRegistry(404, "RESOURCE_DOES_NOT_EXIST")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow.set_tracking_uri(server.uri)
     try:
-        assert promote.current_champion(mlflow.MlflowClient(), "gsm8k-policy") is None
+        assert registry.current_champion(mlflow.MlflowClient(), "gsm8k-policy") is None
     finally:
         mlflow.set_tracking_uri(None)
         server.close()
@@ -221,7 +221,7 @@ def test_promote_refuses_a_missing_or_corrupt_eval_report(params, tmp_path, regi
 
     candidate = eval_dir(tmp_path / "cand", [True] * 10)
     damage(candidate)
-    from tasks import promote
+    from posttrain.stages import promote
 
     with pytest.raises(DataError, match=message):
         promote.run(params, tmp_path, candidate, eval_dir(tmp_path / "base", [False] * 10), tmp_path / "sft",

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from tasks import merge, sft
+from posttrain.stages import merge
+
+from posttrain.stages import sft
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,7 +28,7 @@ def _quantized_layers(model) -> list:
 
 @pytest.mark.parametrize("mode, layer, dtype", [("4bit", "Linear4bit", torch.uint8), ("8bit", "Linear8bitLt", torch.int8)])
 def test_quantized_load_puts_every_projection_in_bitsandbytes_layers(tiny_base, mode, layer, dtype):
-    from posttrain.training import load_causal_lm
+    from posttrain.training.trainer import load_causal_lm
 
     full = load_causal_lm(tiny_base, "none")
     quantized = load_causal_lm(tiny_base, mode, gradient_checkpointing=False)
@@ -46,8 +48,8 @@ def test_quantized_load_puts_every_projection_in_bitsandbytes_layers(tiny_base, 
 
 
 def test_unknown_quantization_is_a_one_line_error_naming_file_line_and_field(tiny_base, tmp_path):
-    from posttrain.config import ConfigError, load_params
-    from posttrain.training import load_causal_lm
+    from posttrain.config.schema import ConfigError, load_params
+    from posttrain.training.trainer import load_causal_lm
 
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: 1\nsft:\n  max_examples: 4\n  quantization: 3bit\n")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import copy_workspace, make_workspace
-from posttrain.training import checkpoint_complete
+from posttrain.training.trainer import checkpoint_complete
 
 DVC = str(Path(sys.executable).parent / "dvc")
 SFT_SETTINGS = ["sft.training.max_steps=30", "sft.training.save_steps=5", "sft.training.logging_steps=5",
@@ -157,7 +157,7 @@ def test_sigkill_during_grpo_resumes_from_checkpoint_and_matches(tmp_path):
 
     uninterrupted_run = repro(clean, "rl")
     assert uninterrupted_run.returncode == 0 and "Running stage 'merge'" not in uninterrupted_run.stdout
-    from posttrain.modelstore import save_merged  # models/rl is an adapter on models/sft: rebuild both models
+    from posttrain.release.modelstore import save_merged  # models/rl is an adapter on models/sft: rebuild both models
 
     resumed = load_file(save_merged(ws / "models/rl", tmp_path / "resumed") / "model.safetensors")
     uninterrupted = load_file(save_merged(clean / "models/rl", tmp_path / "uninterrupted") / "model.safetensors")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain import rewards
+from posttrain.rewards import functions as rewards
 
 SOLUTION = "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
 RIGHT = [{"role": "assistant", "content": "She sold 48/2 = 24 in May, so 48+24 = 72 in total.\n#### 72"}]
@@ -11,8 +11,8 @@ WRONG = "She sold 48*2 = 96 in May.\nThe answer is 144"
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A random tiny Llama saved as a folder (tasks.base's tiny builder; needs no params file)."""
-    from tasks.base import build_tiny_model
+    """A random tiny Llama saved as a folder (posttrain.stages.base_model's tiny builder; needs no params file)."""
+    from posttrain.training.base_models import build_tiny_model
 
     model, tokenizer = build_tiny_model({}, seed=0)
     folder = tmp_path_factory.mktemp("tiny_lm")
@@ -231,8 +231,8 @@ def test_bad_seed_specs_are_refused_naming_the_place(spec, message):
 def test_preflight_takes_either_form_and_names_the_line(tmp_path, monkeypatch):
     import json
 
-    from posttrain.config import ConfigError
-    from posttrain.preflight import validate_file
+    from posttrain.config.schema import ConfigError
+    from posttrain.pipeline.preflight import validate_file
 
     monkeypatch.chdir(tmp_path)
     spec = {"type": "weighted_sum", "components": [{"type": "exact_match", "weight": 1.0},

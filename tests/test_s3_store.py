@@ -127,7 +127,7 @@ def test_pipeline_against_s3_dvc_remote_and_mlflow_artifact_store(tmp_path, s3):
 def test_artifact_location_applies_to_new_experiments_and_warns_for_existing_ones(tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from posttrain import tracking
+    from posttrain.release import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(tracking.ARTIFACTS_ENV, raising=False)

@@ -49,7 +49,7 @@ def test_shipped_accelerate_configs_are_accepted_by_accelerate_launch(name, kind
 
 
 def test_launch_command_reruns_the_stage_under_the_launcher():
-    from posttrain.distributed import launch_command
+    from posttrain.training.distributed import launch_command
 
     cmd = launch_command("accelerate launch --config_file 'my configs/ddp.yaml' --num_processes 4", "sft", quiet=True)
     assert Path(cmd[0]).name == "accelerate" and cmd[1:5] == ["launch", "--config_file", "my configs/ddp.yaml", "--num_processes"]
@@ -59,7 +59,7 @@ def test_launch_command_reruns_the_stage_under_the_launcher():
 
 
 def test_rank_comes_from_the_launcher_environment(monkeypatch):
-    from posttrain import distributed
+    from posttrain.training import distributed
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", distributed.LAUNCHED_ENV):
         monkeypatch.delenv(name, raising=False)

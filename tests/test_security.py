@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 from servers import background, free_port, project_env, wait_until
 
-SOURCES = [p for folder in ("posttrain", "tasks", "flows", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
+SOURCES = [p for folder in ("posttrain", "bench") for p in sorted((ROOT / folder).rglob("*.py"))]
 UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("joblib", "load"), ("dill", "load"),
               ("dill", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"), ("torch", "load"),
               ("numpy", "load"), ("np", "load")}
@@ -67,7 +67,7 @@ def test_a_pickled_checkpoint_is_refused_in_one_line(tiny_base, tmp_path, capsys
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posttrain.cli import main
+    from posttrain.cli.command import main
 
     monkeypatch.chdir(ROOT)  # `posttrain eval` reads params.yaml from here
     pickled = tmp_path / "pickled_model"
@@ -113,7 +113,7 @@ def test_ui_server_binds_only_to_loopback_by_default(tmp_path):
 def test_default_bind_addresses_are_loopback():
     from prefect.settings import Settings
 
-    from posttrain.cli import build_parser
+    from posttrain.cli.command import build_parser
 
     assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
     # `prefect server start` with no --host (the README's command) binds here

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from posttrain.tasks import gsm8k as gsm8k_task
-from posttrain.modelstore import save_merged
-from tasks import base, merge, reward_model, rl, sft
+from posttrain.release.modelstore import save_merged
+from posttrain.stages import base_model as base
+from posttrain.stages import merge
+from posttrain.stages import reward_model
+from posttrain.stages import rl
+from posttrain.stages import sft
 
 
 def file_hash(path):
@@ -54,7 +58,7 @@ def sft_run(params, prepared, tiny_base, session_dir):
     p = with_section(params, "sft", training=params.sft.training | {"learning_rate": 1e-2, "max_steps": 3})
     before = file_hash(tiny_base / "model.safetensors")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trl, "SFTTrainer", RecordingSFTTrainer)  # tasks/sft.py imports it from trl when it runs
+        patch.setattr(trl, "SFTTrainer", RecordingSFTTrainer)  # posttrain/stages/sft.py imports it from trl when it runs
         sft.run(p, prepared / "train.jsonl", tiny_base, session_dir / "sft_adapter", checkpoint_dir=session_dir / "ckpt_sft")
     assert file_hash(tiny_base / "model.safetensors") == before  # the base folder is never touched
     assert len(trainers) == 1
@@ -212,7 +216,7 @@ def test_reward_model_is_a_safetensors_verifier_that_beats_chance_on_held_out_an
 def test_corrupted_answers_change_the_final_number():
     import random
 
-    from posttrain.gsm8k import gold_answer, parse_number
+    from posttrain.tasks.gsm8k_answers import gold_answer, parse_number
 
     answer = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"
     for seed in range(20):
@@ -239,7 +243,7 @@ def test_reinforce_updates_the_policy_with_kl_to_the_reference(params, prepared,
 
 
 def test_reinforce_advantages_and_loss():
-    from posttrain.reinforce import advantages, k3_kl, reinforce_loss
+    from posttrain.methods.reinforce import advantages, k3_kl, reinforce_loss
 
     adv = advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
     assert torch.allclose(adv.mean(), torch.tensor(0.0)) and torch.allclose(adv.std(), torch.tensor(1.0), atol=1e-4)
@@ -253,7 +257,7 @@ def test_reinforce_advantages_and_loss():
 
 
 def test_last_checkpoint_skips_half_written_and_foreign_checkpoints(tmp_path):
-    from posttrain.training import last_checkpoint
+    from posttrain.training.trainer import last_checkpoint
 
     ckpt = tmp_path / "ckpt"
     assert last_checkpoint(ckpt, "a") is None

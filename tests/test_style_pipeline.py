@@ -15,7 +15,7 @@ from tests.conftest import ROOT, make_workspace, run_in
 @pytest.mark.slow
 @pytest.mark.integration
 def test_style_run_through_dvc_repro_and_the_gate(tmp_path):
-    from posttrain import gate
+    from posttrain.release import gate
     from posttrain.io import read_jsonl
 
     ws = make_workspace(tmp_path / "ws", [f"data.style.source={ROOT / 'data' / 'style'}", "data.task=style",

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from posttrain import draft
-from posttrain.config import TASKS, load_params
+from posttrain.methods import draft
+from posttrain.config.schema import TASKS, load_params
 from posttrain.io import DataError
-from posttrain.prompts import digest, protocol, rl_prompt, sft_example
+from posttrain.evaluation.prompts import digest, protocol, rl_prompt, sft_example
 from posttrain.tasks import registry, style
 from tests.conftest import ROOT
 
@@ -52,7 +52,7 @@ def test_task_defaults_follow_data_task_and_a_foreign_metric_is_refused(tmp_path
     assert (params.promote.metric, params.promote.registered_model) == ("pass", "style-policy")
     assert params.rl.rewards == {"style": 1.0} and params.data.source == "data/style"
     assert digest(protocol(params.eval, style.protocol(params))) != "41548d399092d228"
-    from posttrain.config import ConfigError
+    from posttrain.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: 'promote.metric' must be task or one of pass, style, "
                                           r"content \(data.task style\), got 'flexible'"):
@@ -93,7 +93,7 @@ def single(i):
     ({"meaning": "m", "data": [{"poem": "p", "normal": "n0a"}]}, r"expect_column_values_to_be_unique on 'normal'"),
 ])
 def test_style_schema_errors_name_the_file_and_line(tmp_path, bad, message):
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     src = write_records(tmp_path / "pairs.jsonl", [triple(0), triple(1), "", bad, triple(2)])
     with pytest.raises(DataError, match=rf"{tmp_path}/pairs.jsonl:4: failed .*{message}"):
@@ -102,7 +102,7 @@ def test_style_schema_errors_name_the_file_and_line(tmp_path, bad, message):
 
 
 def test_skip_invalid_counts_and_skips_instead(tmp_path, capsys):
-    from tasks import prepare
+    from posttrain.stages import prepare
 
     src = write_records(tmp_path / "pairs.jsonl", [triple(0), {"meaning": "", "data": []}, triple(1),
                                                    {"meaning": "m", "data": [{"poem": "p"}]}])
@@ -144,7 +144,7 @@ def test_shipped_style_data_splits_and_reward_model_and_judge_never_share_a_reco
 
 
 def tiny_classifier(num_labels=2):
-    from tasks.reward_model import load_encoder
+    from posttrain.reward_models.training import load_encoder
 
     model, _ = load_encoder("tiny", seed=0, num_labels=num_labels)
     return model
@@ -154,7 +154,7 @@ def test_seed_variant_reaches_adapters_projection_and_new_layer_norm_but_not_the
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain.training import lora_config
+    from posttrain.training.trainer import lora_config
 
     torch.manual_seed(0)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), lora_config({"r": 4}))
@@ -194,7 +194,9 @@ def test_seed_beta_ramp_and_raw_logit_reward():
 
 
 def test_a_reward_model_nothing_reads_is_skipped_with_a_reason(params, prepared, tmp_path, capsys):
-    from tasks import judge, reward_model
+    from posttrain.stages import judge
+    from posttrain.reward_models.training import why_not_needed
+    from posttrain.stages import reward_model
 
     out = reward_model.run(params, prepared / "train.jsonl", prepared / "val.jsonl", tmp_path / "rm",
                            checkpoint_dir=tmp_path / "ckpt")
@@ -213,11 +215,11 @@ def test_a_reward_model_nothing_reads_is_skipped_with_a_reason(params, prepared,
             {"type": "style", "weight": 1.0}]})):
         needing = dataclasses.replace(params, rl=dataclasses.replace(params.rl, method=method,
                                                                      rewards=rewards or params.rl.rewards))
-        assert reward_model.why_not_needed(needing) is None
+        assert why_not_needed(needing) is None
 
 
 def test_chance_check_is_loud_below_significance(capsys):
-    from tasks.reward_model import chance_check
+    from posttrain.reward_models.training import chance_check
 
     assert chance_check(0.5, 40, "reward model")["beats_chance"] is False
     assert "WARNING: the reward model does NOT beat chance" in capsys.readouterr().out

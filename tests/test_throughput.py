@@ -1,4 +1,4 @@
-"""The training stages' tokens/s and fraction of the compute bound (posttrain/throughput.py)."""
+"""The training stages' tokens/s and fraction of the compute bound (posttrain/training/throughput.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain import throughput
+from posttrain.training import throughput
 
 
 def _model() -> torch.nn.Module:
@@ -50,7 +50,7 @@ def test_flop_formulas():
 def test_sft_metrics_take_the_total_train_runtime_not_the_first_logged(tmp_path):
     """transformers logs the running train_runtime with every logging step; the stage reports the total."""
     from posttrain.io import write_json
-    from tasks import sft
+    from posttrain.stages import sft
 
     write_json(tmp_path / "train_log.json", [
         {"step": 2, "loss": 1.2, "train_runtime": 15.9},

@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from posttrain import tracking
+from posttrain.release import tracking
 
 
 @pytest.fixture

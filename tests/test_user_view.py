@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_workspace
-from posttrain import stages
-from posttrain.console import STAGE_LINE
+from posttrain.pipeline import graph
+from posttrain.pipeline.console import STAGE_LINE
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -66,7 +66,7 @@ def test_the_console_shows_one_line_per_stage_and_the_logs_hold_the_rest(two_run
              "Loading weights", "Traceback", "| INFO ", "FutureWarning")
     assert not [line for line in printed if any(n in line for n in noise)], "\n".join(printed)
     lines = _stage_lines(first.stdout)
-    assert list(lines) == [s.name for s in stages.STAGES] and {m.group(2) for m in lines.values()} == {"ran"}
+    assert list(lines) == [s.name for s in graph.STAGES] and {m.group(2) for m in lines.values()} == {"ran"}
     assert re.match(r"\d+ train / \d+ val / \d+ test", lines["prepare"].group(4))
     assert lines["sft"].group(4).startswith("loss ") and "on 6 items" in lines["eval_rl"].group(4)
 
@@ -188,7 +188,7 @@ def test_the_ui_in_a_browser_shows_the_run_the_version_its_gate_and_the_champion
         assert version.tags["gate.decision"] in version_dom  # promoted | rejected
 
         # The tiny models tie, so the gate keeps the champion where it is; move it as a promotion does
-        # (tasks/promote.py; the decision itself is tested in test_pipeline/test_promote) and look again.
+        # (posttrain/stages/promote.py; the decision itself is tested in test_pipeline/test_promote) and look again.
         client.set_registered_model_alias("gsm8k-policy", "champion", "2")
         model_dom = _page(chromium, f"{base}/#/models/gsm8k-policy", tmp_path / "model.png")
         assert "champion" in model_dom and "Version 2" in model_dom

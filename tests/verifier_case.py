@@ -28,7 +28,7 @@ def record(name: str, thing: str, a: int, b: int) -> dict:
 
 
 def text_length(row: dict, tokenizer) -> int:
-    from posttrain.prompts import target_text
+    from posttrain.evaluation.prompts import target_text
 
     return len(tokenizer(f"{row['question']}\n{target_text(row['answer'])}").input_ids)
 
@@ -38,7 +38,7 @@ def write_splits(folder: Path, n_train: int = 96, n_val: int = 32) -> tuple[Path
     every right text has."""
     from collections import defaultdict
 
-    from tasks.base import build_tiny_tokenizer
+    from posttrain.training.base_models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     by_length = defaultdict(list)
@@ -67,7 +67,7 @@ def verifier_params(params, max_length: int):
 def held_out_pairs(val_path: Path, seed: int = 5) -> tuple[list[str], list[str], list[str]]:
     """Questions, right worked answers and the same answers with a wrong final number."""
     from posttrain.io import read_jsonl
-    from posttrain.prompts import target_text
+    from posttrain.evaluation.prompts import target_text
     from posttrain.tasks.gsm8k import corrupt
 
     rng = random.Random(seed)

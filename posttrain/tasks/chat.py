@@ -27,7 +27,7 @@ import random
 import statistics
 from pathlib import Path
 
-from posttrain.config import TASKS
+from posttrain.config.schema import TASKS
 from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "chat"
@@ -297,7 +297,7 @@ class Judge:
     """The held-out mlp_head judge: scores (prompt, reply) in the evaluation protocol."""
 
     def __init__(self, judge_dir: str | Path, params, batch_size: int = 16):
-        from posttrain import mlp_head
+        from posttrain.reward_models import mlp_head
 
         judge_dir = Path(judge_dir)
         if not mlp_head.is_mlp_head(judge_dir):
@@ -306,8 +306,8 @@ class Judge:
         self.params, self.batch_size = params, batch_size
 
     def scores(self, users: list[str], replies: list[str]) -> list[float]:
-        from posttrain import mlp_head
-        from posttrain.prompts import prompt_text, reply_text
+        from posttrain.reward_models import mlp_head
+        from posttrain.evaluation.prompts import prompt_text, reply_text
 
         cfg, max_length = self.params.eval, self.pointer["max_length"]  # as the judge was trained
         rows = [mlp_head.encode(self.tokenizer, prompt_text(u, cfg, self.tokenizer), reply_text(r, cfg), max_length)
@@ -339,7 +339,7 @@ def summary(per_item: list[dict]) -> dict:
 
 
 def protocol(params) -> dict:
-    from posttrain.prompts import SEED_TEMPLATE
+    from posttrain.evaluation.prompts import SEED_TEMPLATE
 
     cfg = params.data.chat
     data = (f"the judge part of {cfg.preferences} (judge_fraction {cfg.judge_fraction}, seed {params.seed}), which "

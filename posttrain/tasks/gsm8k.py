@@ -2,7 +2,7 @@
 
 Records are `{question, answer}` (OpenAI's GSM8K, shipped in data/gsm8k). Train/val are split by seed
 from train.jsonl, test.jsonl is the test split. A reply passes `strict` when its `#### n` number equals
-the reference number and `flexible` when the number found by the fallbacks of posttrain/gsm8k.py does.
+the reference number and `flexible` when the number found by the fallbacks of posttrain/tasks/gsm8k_answers.py does.
 Its prompts, results and protocol hash are pinned by a test: the task layer must not change them.
 """
 
@@ -12,9 +12,9 @@ import random
 import re
 from pathlib import Path
 
-from posttrain.config import TASKS
-from posttrain.gsm8k import extract_strict, gold_answer, has_final_answer_line, parse_number, strip_calculator_notes
-from posttrain.gsm8k import score as score_answer
+from posttrain.config.schema import TASKS
+from posttrain.tasks.gsm8k_answers import extract_strict, gold_answer, has_final_answer_line, parse_number, strip_calculator_notes
+from posttrain.tasks.gsm8k_answers import score as score_answer
 from posttrain.io import DataError, read_jsonl, where
 
 NAME = "gsm8k"

@@ -18,7 +18,7 @@ Every task module exposes the same few names:
     summary(per_item) -> task metrics beside accuracy_<m>
     protocol(params) -> what the task adds to the evaluation protocol (empty for gsm8k: its hash is pinned)
 
-Optional (tasks/reward_model.py and tasks/judge.py fall back when a module lacks them):
+Optional (posttrain/reward_models/training.py and posttrain/stages/judge.py fall back when a module lacks them):
     JUDGE_KIND ("classifier" when absent; chat: "mlp_head")
     pair_sets(role, train, val, preferences, n, seed) -> (train pairs, held-out pairs, origin): the pairs an
         mlp_head reward model (role `reward_model`) or judge (`judge`) learns from; `preferences` are the

@@ -23,7 +23,7 @@ import random
 import statistics
 from pathlib import Path
 
-from posttrain.config import TASKS
+from posttrain.config.schema import TASKS
 from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "style"
@@ -194,7 +194,7 @@ class Judge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from posttrain.io import require_safetensors
-        from posttrain.rewards import sentence_encoder
+        from posttrain.rewards.functions import sentence_encoder
 
         judge_dir = Path(judge_dir)
         if not (judge_dir / "config.json").exists():

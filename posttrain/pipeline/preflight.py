@@ -1,0 +1,135 @@
+"""Before a run starts: every param checked (types, ranges, library configs, registry names), and
+params.yaml written only in a form that passes those checks.
+
+    python -m posttrain.pipeline.preflight          # check ./params.yaml; exit 2 with `params.yaml:line: ...`
+
+Kept apart from posttrain.config.schema, which every stage imports: this module imports the reward
+registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+from posttrain.config.schema import ConfigError, Params, _line_index, _Where, load_params
+
+PROFILES_DIR = Path("profiles")
+PASSED_DIR = Path(".posttrain") / "params-passed"  # one empty file per params text that passed every check
+
+
+def check_registries(params: Params, where: _Where) -> None:
+    """Reward names, weights, options and post-processing (either form of rl.rewards), without loading models."""
+    from posttrain.rewards import functions as rewards
+
+    spec = params.rl.rewards
+    if isinstance(spec, dict) and not rewards.is_seed_spec(spec):
+        for name in spec:
+            if name not in rewards.FACTORIES:
+                raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
+                                  f"known: {', '.join(sorted(rewards.FACTORIES))}")
+    try:
+        if spec or params.rl.method != "ppo":  # PPO's reward is the reward model: rule terms are optional
+            rewards.validate(spec, params.rl.reward_postprocess or None)
+    except ValueError as err:
+        message = str(err)
+        key = re.sub(r"\[\d+\]", "", message.split(":", 1)[0])  # rl.rewards.components[0] -> its nearest line
+        path = tuple(key.split(".")) if key.startswith("rl.") else ("rl", "rewards")
+        raise ConfigError(f"{where(path)}: {message}") from None
+    from posttrain.training import optim
+
+    for key in ("optimizer", "lr_scheduler"):
+        named = dataclasses.asdict(getattr(params.rl, key))
+        try:
+            optim.check_names(named if key == "optimizer" else {}, named if key == "lr_scheduler" else {})
+        except ValueError as err:
+            raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
+
+
+def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None) -> Params:
+    """Load a params file with every check; errors name `label` (default: the path) and the line.
+
+    Building the library configs costs about 7 s of imports (transformers, trl, peft). With `passed_dir`,
+    a file whose exact text passed before, with the same library versions and checking code, skips that
+    build (its keys are still checked against the libraries' field names); a pass is recorded there.
+    """
+    label = str(label or path)
+    stamp = _passed_stamp(Path(path), passed_dir) if passed_dir else None
+    passed_before = stamp is not None and stamp.exists()
+    params = load_params(path, label=label, build_library_configs=not passed_before)
+    check_registries(params, _Where(label, _line_index(Path(path).read_text())))
+    if stamp is not None and not passed_before:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    return params
+
+
+def _passed_stamp(path: Path, passed_dir: Path) -> Path:
+    """A name for what the library-config check's verdict depends on: the params text, the versions of
+    torch and the libraries, and the checking code."""
+    from importlib.metadata import version
+
+    from posttrain.config import schema as config
+
+    digest = hashlib.sha256(path.read_bytes())
+    for name, installed in (config._installed_versions() | {"torch": version("torch")}).items():
+        digest.update(f"\n{name}=={installed}".encode())
+    digest.update(Path(config.__file__).read_bytes())
+    return passed_dir / digest.hexdigest()[:32]
+
+
+def validate_workspace(root: str | Path = ".", params_name: str = "params.yaml") -> Params:
+    return validate_file(Path(root) / params_name, label=params_name, passed_dir=Path(root) / PASSED_DIR)
+
+
+def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:
+    """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
+    from ruamel.yaml import YAML
+
+    from posttrain.config.schema import parse_override
+    from posttrain.io import atomic_path
+
+    if not profile and not overrides:
+        return
+    yaml = YAML()
+    data = yaml.load(params_path.read_text())
+    changes: list[tuple[list[str], object]] = []
+    if profile:
+        profile_path = PROFILES_DIR / f"{profile}.yaml"
+        if not profile_path.exists():
+            known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+            raise ConfigError(f"{profile_path}: no such profile (known: {known})")
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, prefix + [key])
+                else:
+                    changes.append((prefix + [key], value))
+
+        walk(YAML(typ="safe").load(profile_path.read_text()) or {}, [])
+    changes += [parse_override(text) for text in overrides]
+    for keys, value in changes:
+        node = data
+        for key in keys[:-1]:
+            if key not in node or node[key] is None:
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    with atomic_path(params_path) as tmp:
+        with tmp.open("w") as handle:
+            yaml.dump(data, handle)
+        # Refuse to write a params file that does not validate; errors name the real file, not the temporary one.
+        validate_file(tmp, label=params_path)
+    print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
+
+
+if __name__ == "__main__":
+    try:
+        validate_workspace(".")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    print("params.yaml: ok")

@@ -1,0 +1,245 @@
+"""The model registry side of promotion: eval reports read back, the champion and its cached results, the
+candidate registered with its model card and gate tags, and alias `champion` moved on evidence.
+
+Used by the promote stage (posttrain/stages/promote.py) and `posttrain compare` (posttrain/release/compare.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from posttrain.config.schema import Params, to_dict
+from posttrain.release.gate import GateRefused, check_same_protocol, decide, pair_records
+from posttrain.io import DataError, atomic_path, read_json, read_jsonl
+from posttrain.release.tracking import PARENT_ENV, RegistryError
+
+CHAMPION = "champion"
+CACHE_DIR = Path(".cache/champion_evals")
+EVAL_FILES = ("metrics.json", "records.jsonl")
+METRIC_KEYS = ("n_questions", "protocol_hash", "question_set_hash")  # and accuracy_<promote.metric>
+
+
+def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
+    """An eval report (metrics.json + records.jsonl), checked: a missing or corrupt one is a DataError."""
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    if not path.exists():
+        raise DataError(f"{path}: eval report not found (run its eval stage first)")
+    try:
+        metrics = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: corrupt eval report ({str(err).splitlines()[0]})") from None
+    missing = [key for key in (*METRIC_KEYS, f"accuracy_{metric}") if not isinstance(metrics, dict) or key not in metrics]
+    if missing:
+        raise DataError(f"{path}: corrupt eval report (missing {', '.join(missing)})")
+    records = read_jsonl(folder / "records.jsonl", required={"question": str, f"correct_{metric}": bool})
+    return metrics, records
+
+
+def _cache_key(version: str, protocol_hash: str, question_set_hash: str) -> str:
+    return f"v{version}-{protocol_hash}-{question_set_hash}"
+
+
+def champion_results(client, name: str, version, cache_dir: Path) -> tuple[dict, list[dict]]:
+    """The champion's eval metrics and per-question records, from the local cache or its run."""
+    tags = version.tags
+    cached = cache_dir / _cache_key(version.version, tags.get("protocol_hash", "na"), tags.get("question_set_hash", "na"))
+    if not (cached / "records.jsonl").exists():
+        import mlflow
+
+        with atomic_path(cached, is_dir=True) as tmp:
+            mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="eval", dst_path=str(tmp))
+            for item in (tmp / "eval").iterdir():
+                shutil.move(str(item), tmp / item.name)
+    return read_json(cached / "metrics.json"), read_jsonl(cached / "records.jsonl")
+
+
+def _accuracies(metrics: dict) -> dict[str, float]:
+    return {key.removeprefix("accuracy_"): value for key, value in metrics.items() if key.startswith("accuracy_")}
+
+
+def model_card(params: Params, candidate_metrics: dict, decision: dict, data_hash: str) -> str:
+    cfg = to_dict(params)
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in _accuracies(candidate_metrics).items())
+    return "\n".join([
+        f"# {params.promote.registered_model}",
+        "",
+        f"- base model: `{params.base.source}`",
+        f"- data: task {params.data.task} from `{params.data.source}`, prepared train split sha256 `{data_hash}`",
+        f"- method: SFT ({'DoRA' if params.sft.lora.get('use_dora') else 'LoRA'}) -> merge -> {params.rl.method}",
+        f"- pass rates: {scores} on {candidate_metrics['n_questions']} held-out {params.data.task} items",
+        f"- protocol `{candidate_metrics['protocol_hash']}`: `{json.dumps(candidate_metrics['protocol'])}`",
+        f"- gate: {'promoted' if decision['promote'] else 'rejected'}: {decision['reason']}",
+        "",
+        "## Params",
+        "```json",
+        json.dumps({k: cfg[k] for k in ("seed", "data", "sft", "rl", "eval", "promote")}, indent=2),
+        "```",
+    ])
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "unknown"
+
+
+def candidate_hash(candidate_dir: Path, candidate_eval: Path) -> str:
+    """sha256 over the candidate's files and its eval report: the same model judged the same way."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in (Path(candidate_dir), Path(candidate_eval)):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode())
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def current_champion(client, name: str):
+    """The version holding the champion alias, or None when the model or the alias does not exist.
+
+    Only "not found" means "no champion": any other registry error (auth, timeout, a 500) fails the
+    stage, since comparing against the base model instead could promote a model worse than the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        # Ask for the model first: stores report a missing alias with different codes (sqlite says
+        # INVALID_PARAMETER_VALUE), a missing model is RESOURCE_DOES_NOT_EXIST everywhere.
+        registered = client.get_registered_model(name)
+        if CHAMPION not in (registered.aliases or {}):
+            return None
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"model registry: cannot read alias '{CHAMPION}' of '{name}' "
+                            f"({err.error_code}: {str(err.message).splitlines()[0][:300]}); nothing registered") from None
+    except Exception as err:  # connection refused, timeouts, ...: the registry cannot be read
+        raise RegistryError(f"model registry: cannot read alias '{CHAMPION}' of '{name}' "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); nothing registered") from None
+
+
+def find_version(client, name: str, tags: dict[str, str]):
+    """The version registered earlier with exactly these identifying tags (a retried promote), else None."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if all(version.tags.get(key) == value for key, value in tags.items()):
+            return version
+    return None
+
+
+def remember_champion_eval(cache_dir: Path, version: str, metrics: dict, candidate_eval: Path) -> None:
+    """The new champion's results are already here: cache them so the next gate downloads nothing."""
+    target = Path(cache_dir) / _cache_key(version, metrics["protocol_hash"], metrics["question_set_hash"])
+    with atomic_path(target, is_dir=True) as tmp:
+        for name in EVAL_FILES:
+            shutil.copy(Path(candidate_eval) / name, tmp / name)
+
+
+def log_model_files(candidate_dir: Path, base_source: str) -> dict | None:
+    """Log the candidate under the run's `model/`: its adapters and a pointer to the base model when it is
+    an adapter folder (posttrain/release/modelstore.py: a few MB), else the folder as it is. Returns the pointer."""
+    import mlflow
+
+    from posttrain.release.modelstore import pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_pointer = pack(candidate_dir, Path(tmp) / "model", source=base_source)
+        mlflow.log_artifacts(str(Path(tmp) / "model") if base_pointer else str(candidate_dir), artifact_path="model")
+    return base_pointer
+
+
+def base_tags(base_pointer: dict | None) -> dict[str, str]:
+    """What `posttrain gc` must keep for a version to load: the base's sha256 and its DVC cache entry."""
+    from posttrain.release.modelstore import TAG_BASE_DVC, TAG_BASE_SHA
+
+    if not base_pointer:
+        return {}
+    return {TAG_BASE_SHA: base_pointer["sha256"],
+            **({TAG_BASE_DVC: base_pointer["dvc_md5"]} if base_pointer.get("dvc_md5") else {})}
+
+
+def baseline_results(client, cfg, base_eval: Path, cache_dir: Path) -> tuple[str, dict, list[dict]]:
+    """What the candidate is compared with: the current champion (cached results), else the base model's eval."""
+    champion = current_champion(client, cfg.registered_model)
+    if champion is not None:
+        return (f"champion v{champion.version}",
+                *champion_results(client, cfg.registered_model, champion, Path(cache_dir)))
+    return ("base model", *read_eval(base_eval, cfg.metric))
+
+
+def gate_decision(cfg, seed: int, candidate: tuple[dict, list[dict]], baseline: tuple[dict, list[dict]],
+                  baseline_name: str) -> dict:
+    """The gate's decision (posttrain/release/gate.py) as a dict; a refusal (other protocol, other items) rejects."""
+    (candidate_metrics, candidate_records), (baseline_metrics, baseline_records) = candidate, baseline
+    try:
+        check_same_protocol(candidate_metrics, baseline_metrics)
+        right_candidate, right_baseline = pair_records(candidate_records, baseline_records, f"correct_{cfg.metric}")
+        decision = decide(right_candidate, right_baseline, cfg.threshold, cfg.min_effect, cfg.confidence,
+                          cfg.n_bootstrap, seed).as_dict()
+    except GateRefused as refused:
+        decision = {"promote": False, "reason": f"refused: {refused}"}
+    return decision | {"baseline": baseline_name, "metric": cfg.metric, "promoted": float(decision["promote"])}
+
+
+def register_candidate(client, params: Params, candidate_dir: Path, candidate_eval: Path, candidate_metrics: dict,
+                       decision: dict, baseline_name: str, cache_dir: Path) -> str:
+    """Register the candidate (once per pipeline run), tag it with the gate's verdict, move `champion` if promoted.
+    Returns the version."""
+    import mlflow
+
+    cfg = params.promote
+    run = mlflow.active_run()
+    card = model_card(params, candidate_metrics, decision, _file_sha(Path("data/prepared/train.jsonl")))
+    # A retry of this pipeline run's promote (say after a crash between registering and moving the
+    # alias) finds the version it registered for the same candidate instead of adding a second one.
+    identity = {"posttrain.candidate_hash": candidate_hash(candidate_dir, candidate_eval),
+                "posttrain.pipeline_run": os.environ.get(PARENT_ENV, "")}
+    try:
+        client.create_registered_model(cfg.registered_model)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_version = find_version(client, cfg.registered_model, identity)
+    if model_version is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "MODEL_CARD.md").write_text(card)
+            mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"), artifact_path="model")
+        base_pointer = log_model_files(candidate_dir, params.base.source)
+        for small in EVAL_FILES:
+            mlflow.log_artifact(str(candidate_eval / small), artifact_path="eval")
+        # The model is a folder of artifacts, not an MLflow "logged model": register it by location.
+        model_version = client.create_model_version(
+            cfg.registered_model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+            tags=identity | base_tags(base_pointer),
+        )
+    else:
+        print(f"promote: version {model_version.version} already registers this candidate for this run: reusing it")
+    version = model_version.version
+    tags = {
+        "protocol_hash": candidate_metrics["protocol_hash"],
+        "question_set_hash": candidate_metrics["question_set_hash"],
+        **{f"accuracy_{name}": value for name, value in _accuracies(candidate_metrics).items()},
+        "gate.decision": "promoted" if decision["promote"] else "rejected",
+        "gate.reason": decision["reason"],
+        "gate.baseline": baseline_name,
+    }
+    for field in ("ci_low", "ci_high", "mcnemar_p", "count_both_right", "count_only_candidate",
+                  "count_only_baseline", "count_both_wrong"):
+        if field in decision:
+            tags[f"gate.{field}"] = decision[field]
+    for tag, value in tags.items():
+        client.set_model_version_tag(cfg.registered_model, version, tag, str(value))
+    client.update_model_version(cfg.registered_model, version, description=card)
+    if decision["promote"]:
+        client.set_registered_model_alias(cfg.registered_model, CHAMPION, version)
+        remember_champion_eval(Path(cache_dir), version, candidate_metrics, candidate_eval)
+    mlflow.set_tags({"gate.decision": tags["gate.decision"], "gate.reason": decision["reason"][:5000]})
+    return version
