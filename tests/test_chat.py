@@ -169,7 +169,7 @@ def test_chat_defaults_prompt_formats_and_the_protocol(tiny_base):
     from transformers import AutoTokenizer
 
     params = chat_params()
-    assert (params.promote.metric, params.promote.registered_model) == ("pass", "chat-policy")
+    assert (params.promote.metric, params.promote.registered_model) == ("judge_margin", "chat-policy")
     assert params.eval.prompt_style == "chat" and params.eval.system_prompt == params.data.chat.system_prompt
     record = {"input": "whats 2+2", "output": "Count on from 2. What do you reach?"}
     assert sft_example(record, params.eval, chat)["completion"] == [{"role": "assistant", "content": record["output"]}]

@@ -24,7 +24,7 @@ def test_the_registry_and_the_config_name_the_same_tasks_and_metrics():
     assert set(registry.TASKS) == set(TASKS)
     for name, module in registry.TASKS.items():
         assert module.NAME == name and module.METRICS == TASKS[name].metrics
-        assert module.PRIMARY_METRIC in module.METRICS
+        assert module.PRIMARY_METRIC in module.METRICS + module.SCORES
     with pytest.raises(KeyError, match="unknown task 'poems'"):
         registry.get("poems")
 
@@ -55,7 +55,7 @@ def test_task_defaults_follow_data_task_and_a_foreign_metric_is_refused(tmp_path
     from posttrain.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: 'promote.metric' must be task or one of pass, style, "
-                                          r"content \(data.task style\), got 'flexible'"):
+                                          r"content, judge_p_poem \(data.task style\), got 'flexible'"):
         load_params(ROOT / "params.yaml", overrides=["data.task=style", "promote.metric=flexible"])
     with pytest.raises(ConfigError, match=r"'data.task' must be one of gsm8k, style"):
         load_params(ROOT / "params.yaml", overrides=["data.task=poems"])

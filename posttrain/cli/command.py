@@ -162,9 +162,9 @@ def cmd_gate(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from posttrain.pipeline.summary import collect, render
+    from posttrain.pipeline.summary import collect, render, show
 
-    print(render(collect(".")))
+    print(show(".", args.show) if args.show else render(collect(".")))
     return 0
 
 
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compare)
 
     summ = sub.add_parser("summary", help="print the summary of the last run from reports/")
+    summ.add_argument("--show", type=int, default=0, metavar="N",
+                      help="instead, print the first N items side by side: input, reference, and the base, SFT and "
+                           "RL replies, each with its verdict (pass/fail or score, and why a reply failed)")
     summ.set_defaults(func=cmd_summary)
 
     serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")

@@ -23,6 +23,7 @@ import torch
 
 from posttrain.config.schema import EvalConfig
 from posttrain.tasks.gsm8k_answers import has_final_answer_line
+from posttrain.evaluation import degeneration
 from posttrain.evaluation.prompts import digest, prompt_text, protocol
 from posttrain.tasks.gsm8k import AnswerLineStop  # the default stop rule (GSM8K's)
 
@@ -168,9 +169,32 @@ def evaluate(model, tokenizer, records: list[dict], cfg: EvalConfig, shots: list
     per_item = task.score(items, result.texts, context, params)
     for record, n_tok, stopped in zip(per_item, result.n_tokens, result.stopped_early):
         record |= {"n_tokens": n_tok, "stopped_early": stopped}
-    task_protocol = task.protocol(params) if params is not None else {}
-    metrics = summarize(per_item, result.seconds, cfg, users, task.METRICS, task_protocol) | task.summary(per_item)
+    check_well_formed(per_item, items, task, cfg)
+    metrics = (summarize(per_item, result.seconds, cfg, users, task.METRICS, task_protocol(task, params, cfg))
+               | task.summary(per_item)
+               | degeneration.rates(per_item))
     return metrics, per_item
+
+
+def task_protocol(task, params, cfg: EvalConfig) -> dict:
+    """What the task adds to the protocol: its judge and thresholds, and for a free-text task the
+    well-formedness thresholds that fail a reply (GSM8K adds nothing: its hash stays the one pinned)."""
+    added = task.protocol(params) if params is not None else {}
+    if task.FAILS_DEGENERATE:
+        added |= degeneration.Thresholds.of(cfg).as_protocol()
+    return added
+
+
+def check_well_formed(per_item: list[dict], items: list[dict], task, cfg: EvalConfig) -> list[dict]:
+    """Add the per-item well-formedness checks (posttrain/evaluation/degeneration.py) to the task's records;
+    on a free-text task a reply that did not end, loops or copies its input fails every metric."""
+    thresholds = degeneration.Thresholds.of(cfg)
+    for record, item in zip(per_item, items):
+        user, reference = task.prompt_and_reference(item)
+        record |= degeneration.item_checks(record["generation"], user, reference, record["stopped_early"], thresholds)
+        if task.FAILS_DEGENERATE and record["degenerate"]:  # whatever the judge said
+            record |= {f"correct_{m}": False for m in task.METRICS}
+    return per_item
 
 
 def summarize(per_question: list[dict], seconds: float, cfg: EvalConfig, questions: list[str],

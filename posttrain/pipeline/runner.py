@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,22 @@ def _log_training_curve(out_dir: Path) -> None:
     if log.exists():
         for step, values in history_metrics(read_json(log)):
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+
+
+def log_records_table(records_path: Path, artifact_file: str) -> None:
+    """An eval's per-item records as an MLflow table (the run's Artifacts tab shows it as a table): the input,
+    the reply, the verdict and the well-formedness checks, one row per item."""
+    import mlflow
+    import pandas as pd
+
+    from posttrain.io import read_jsonl
+
+    frame = pd.DataFrame(list(read_jsonl(records_path)))
+    for column in frame.columns:  # the table takes scalars: anything nested is shown as its JSON text
+        if frame[column].map(lambda value: isinstance(value, (list, dict))).any():
+            frame[column] = frame[column].map(lambda value: value if not isinstance(value, (list, dict))
+                                              else json.dumps(value))
+    mlflow.log_table(data=frame, artifact_file=artifact_file)
 
 
 def run_stage(name: str, module: ModuleType, params_path: str | Path = "params.yaml", root: str | Path = ".") -> dict:
@@ -84,6 +101,8 @@ def run_stage(name: str, module: ModuleType, params_path: str | Path = "params.y
             for path in sorted(paths["out_dir"].iterdir()):
                 if path.name in small or path.suffix == ".png":
                     mlflow.log_artifact(str(path), artifact_path=stage.name)
+            if (paths["out_dir"] / "records.jsonl").exists():  # the replies, readable beside the run in the UI
+                log_records_table(paths["out_dir"] / "records.jsonl", f"{stage.name}/replies.json")
         if stage.metrics:
             write_json(root / stage.metrics, values | {"stage_seconds": seconds})
         if os.environ.get(console.STAGE_RESULT_ENV):  # the flow's way to tell "ran" from "reused by DVC"

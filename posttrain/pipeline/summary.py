@@ -16,6 +16,9 @@ MODELS = ("base", "sft", "rl")
 LABELS = {"content_mean": "mean cos", "judge_p_poem_mean": "P(poem)", "judge_margin_mean": "margin",
           "reply_words_mean": "words"}  # column names of the task figures
 EXTRAS = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "reply_words_mean")  # task figures beside the pass rates
+# Well-formed replies (posttrain/evaluation/degeneration.py): the share of items cut off at the token limit,
+# looping, copying their input. Reports from before the checks lack them: shown as "-".
+WELL_FORMED = {"truncation_rate": "cut off", "repetition_rate": "loops", "copy_rate": "copied"}
 
 
 def collect(root: str | Path = ".") -> dict:
@@ -29,7 +32,7 @@ def collect(root: str | Path = ".") -> dict:
             data = read_json(path)
             keep = [k for k in data if k.startswith("accuracy_")] + [k for k in EXTRAS if k in data]
             out["models"][model] = {k: data.get(k) for k in (
-                *keep, "n_questions", "early_stop_rate", "gen_length_mean", "questions_per_s")}
+                *keep, "n_questions", "early_stop_rate", "gen_length_mean", "questions_per_s", *WELL_FORMED)}
     for name in ("reward_model", "judge"):
         path = root / graph.REPORTS / f"{name}.json"
         if path.exists():
@@ -47,7 +50,9 @@ def collect(root: str | Path = ".") -> dict:
             "decision": "promoted" if data.get("promote") else "rejected", "reason": data.get("reason"),
             "baseline": data.get("baseline"), "model_version": data.get("model_version"),
             "ci_low": data.get("ci_low"), "ci_high": data.get("ci_high"), "mcnemar_p": data.get("mcnemar_p"),
-            "metric": data.get("metric"),
+            "metric": data.get("metric"), "test": data.get("test"), "p_value": data.get("p_value"),
+            "confidence": data.get("confidence", 0.95),
+            **{k: v for k, v in data.items() if k.startswith("rl_vs_sft_")},
         }
     return out
 
@@ -69,17 +74,19 @@ def render(result: dict) -> str:
     task = TASKS.get(result.get("task", "gsm8k"), TASKS["gsm8k"])
     rates = [f"accuracy_{m}" for m in task.metrics if f"accuracy_{m}" in first]
     scores = rates + [k for k in EXTRAS if k in first]
-    primary = f"accuracy_{result.get('gate', {}).get('metric') or task.primary_metric}"
-    primary = primary if primary in first else (rates[0] if rates else None)
+    metric = result.get("gate", {}).get("metric") or task.primary_metric
+    primary = next((k for k in (f"accuracy_{metric}", f"{metric}_mean") if k in first), rates[0] if rates else None)
     names = [k.removeprefix("accuracy_") if k in rates else LABELS.get(k, k) for k in scores]
     delta_name = f"delta({primary.removeprefix('accuracy_')[:4]} vs base)" if primary else "delta"
-    lines = ["", "model   " + "".join(f"{n:<10}" for n in names) + f"{delta_name:<21}early-stop  mean tokens  items"]
+    lines = ["", "model   " + "".join(f"{n:<10}" for n in names) + f"{delta_name:<21}"
+             + "".join(f"{label:<9}" for label in WELL_FORMED.values()) + "mean tokens  items"]
     base_primary = models.get("base", {}).get(primary)
     for model, m in models.items():
         delta = "" if base_primary is None or model == "base" else f"{m[primary] - base_primary:+.3f}"
         lines.append(
             f"{model:<7} " + "".join(f"{m[k]:<10.3f}" for k in scores) + f"{delta:<21}"
-            f"{m['early_stop_rate']:<12.2f}{m['gen_length_mean']:<13.1f}{int(m['n_questions'])}"
+            + "".join(f"{m[k]:<9.2f}" if m.get(k) is not None else f"{'-':<9}" for k in WELL_FORMED)
+            + f"{m['gen_length_mean']:<13.1f}{int(m['n_questions'])}"
         )
     for name, label in (("reward_model", "reward model"), ("judge", "judge")):
         info = result.get(name)
@@ -96,12 +103,23 @@ def render(result: dict) -> str:
         lines.append("")
         lines.append(f"gate: {gate['decision'].upper()} (vs {gate['baseline']}, model version {gate['model_version']})")
         lines.append(f"      {gate['reason']}")
+        if gate.get("rl_vs_sft_difference") is not None:
+            lines.append(rl_vs_sft_line(gate))
     if "mlflow" in result:
         m = result["mlflow"]
         lines.append("")
         lines.append(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
         lines.append("        open it with: posttrain ui (it prints the address of the runs table)")
     return "\n".join(lines)
+
+
+def rl_vs_sft_line(gate: dict) -> str:
+    """Did RL help over SFT? The paired difference on the gate's metric, its interval and the test's p."""
+    low, high, p = gate["rl_vs_sft_ci_low"], gate["rl_vs_sft_ci_high"], gate["rl_vs_sft_p_value"]
+    verdict = ("RL helped" if low > 0 else "RL hurt" if high < 0 else "no evidence RL changed it")
+    return (f"RL vs SFT: {gate['metric']} {gate['rl_vs_sft_difference']:+.3f}, {gate.get('confidence') or 0.95:.0%} "
+            f"paired interval [{low:+.3f}, "
+            f"{high:+.3f}], {gate['rl_vs_sft_test']} p={p:.3g}: {verdict}")
 
 
 def headline(values: dict) -> str:
@@ -127,3 +145,50 @@ def headline(values: dict) -> str:
     if "n_parameters" in values:
         return f"{values['n_parameters'] / 1e6:.1f}M parameters"
     return ""
+
+
+def verdict(record: dict, metric: str) -> str:
+    """One item's verdict as the gate sees it, with why a degenerate reply failed."""
+    why = [label for flag, label in (("loops", "loops"), ("copied_input", "copied input")) if record.get(flag)]
+    if record.get("ended") is False:
+        why.insert(0, "cut off")
+    if f"correct_{metric}" in record:
+        head = "PASS" if record[f"correct_{metric}"] else "fail"
+    else:
+        head = f"{metric} {float(record.get(metric, float('nan'))):+.3f}"
+    return head + (f" ({', '.join(why)})" if why else "")
+
+
+def show(root: str | Path = ".", n: int = 5, width: int = 100) -> str:
+    """`posttrain summary --show N`: the first N items side by side, the input, the reference and each
+    model's reply with its verdict: what the pass rates above were computed from."""
+    import textwrap
+
+    from posttrain.io import read_jsonl
+
+    root = Path(root)
+    records = {model: read_jsonl(path) for model in MODELS
+               if (path := root / graph.REPORTS / "eval" / model / "records.jsonl").exists()}
+    if not records:
+        return "no per-item records yet (reports/eval/<model>/records.jsonl): run the pipeline first"
+    promotion = root / graph.REPORTS / "promotion.json"
+    first = next(iter(records.values()))
+    metric = (read_json(promotion).get("metric") if promotion.exists() else None) or next(
+        k.removeprefix("correct_") for k in first[0] if k.startswith("correct_"))
+    by_model = {model: {r["question"]: r for r in rows} for model, rows in records.items()}
+
+    def block(label: str, text: str) -> list[str]:
+        wrapped = textwrap.wrap(" ".join(str(text).split()) or "(empty)", width - 12) or [""]
+        shown = wrapped[:4] + (["..."] if len(wrapped) > 4 else [])
+        return [f"  {label:<9} {shown[0]}"] + [f"  {'':<9} {line}" for line in shown[1:]]
+
+    lines = []
+    for i, item in enumerate(first[:n], 1):
+        lines += ["", f"[{i}/{len(first)}]"] + block("input", item["question"])
+        if item.get("reference") or item.get("gold"):
+            lines += block("reference", item.get("reference") or item.get("gold"))
+        for model, rows in by_model.items():
+            record = rows.get(item["question"])
+            if record is not None:
+                lines += block(model, record.get("generation", "")) + [f"  {'':<9} -> {verdict(record, metric)}"]
+    return "\n".join(lines[1:])

@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.release.gate import GateRefused, bootstrap_interval, check_same_protocol, mcnemar_exact, paired_counts, pair_records
+from posttrain.release.gate import (GateRefused, bootstrap_interval, check_same_protocol, decide_scores, mcnemar_exact,
+                                    paired_counts, pair_records, record_key, summary_key)
 from posttrain.io import DataError
 
 
@@ -47,7 +48,7 @@ def _registered(spec: str, metric: str) -> tuple[dict, list[dict]]:
     except MlflowException as err:
         raise DataError(f"{spec}: not in the model registry ({str(err.message).splitlines()[0][:200]})") from None
     metrics, records = champion_results(client, name, found, CACHE_DIR)
-    if f"accuracy_{metric}" not in metrics:
+    if summary_key(metrics, metric) not in metrics:
         raise DataError(f"{spec}: its eval report has no accuracy_{metric}")
     return metrics, records
 
@@ -94,7 +95,9 @@ def compare(a: Side, b: Side, metric: str, confidence: float = 0.95, n_bootstrap
         check_same_protocol(a.metrics, b.metrics)
     except GateRefused as refused:
         raise GateRefused(str(refused).replace("candidate", "A").replace("baseline", "B")) from None
-    key = f"correct_{metric}"
+    key, kind = record_key(a.metrics, metric)
+    if kind is float:
+        return compare_scores(a, b, metric, confidence, n_bootstrap, seed, show)
     right_a, right_b = pair_records(a.records, b.records, key)
     counts = paired_counts(right_a, right_b)
     low, high = bootstrap_interval(right_a, right_b, confidence, n_bootstrap, seed)
@@ -122,4 +125,26 @@ def compare(a: Side, b: Side, metric: str, confidence: float = 0.95, n_bootstrap
             extracted = record.get(f"prediction_{metric}")
             lines.append(f"   {side}: {_one_line(record.get('generation', ''), 110)}"
                          + (f"  -> {extracted}" if extracted is not None else ""))
+    return "\n".join(lines)
+
+
+def compare_scores(a: Side, b: Side, metric: str, confidence: float, n_bootstrap: int, seed: int, show: int) -> str:
+    """The report on a per-item score (a judge margin, P(poem)): means, the paired interval, Wilcoxon, and the
+    items where the two differ most."""
+    scores_a, scores_b = pair_records(a.records, b.records, metric, float)
+    paired = decide_scores(scores_a, scores_b, 0.0, confidence, n_bootstrap, seed, metric)
+    lines = [f"A  {a.label}: mean {metric} {paired.candidate_mean:.3f}",
+             f"B  {b.label}: mean {metric} {paired.baseline_mean:.3f}",
+             f"{paired.n} items, protocol {a.metrics['protocol_hash']}, paired on {metric}: A higher on "
+             f"{paired.n_better}, B higher on {paired.n_worse}",
+             f"A - B = {paired.difference:+.3f}, {confidence:.0%} paired bootstrap interval [{paired.ci_low:+.3f}, "
+             f"{paired.ci_high:+.3f}], Wilcoxon signed-rank p = {paired.wilcoxon_p:.3g}"]
+    by_question = {r["question"]: r for r in b.records}
+    ranked = sorted(a.records, key=lambda r: -abs(float(r[metric]) - float(by_question[r["question"]][metric])))
+    lines += ["", f"the {min(show, len(ranked))} items where they differ most:"]
+    for i, ra in enumerate(ranked[:show], 1):
+        rb = by_question[ra["question"]]
+        lines.append(f"{i}. [{metric} A {float(ra[metric]):+.3f}, B {float(rb[metric]):+.3f}] {_one_line(ra['question'], 100)}")
+        for side, record in (("A", ra), ("B", rb)):
+            lines.append(f"   {side}: {_one_line(record.get('generation', ''), 110)}")
     return "\n".join(lines)

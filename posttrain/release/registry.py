@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 
 from posttrain.config.schema import Params, to_dict
-from posttrain.release.gate import GateRefused, check_same_protocol, decide, pair_records
+from posttrain.release.gate import GateRefused, harm_reasons, paired_decision, record_key, summary_key
 from posttrain.io import DataError, atomic_path, read_json, read_jsonl
 from posttrain.release.tracking import PARENT_ENV, RegistryError
 
 CHAMPION = "champion"
 CACHE_DIR = Path(".cache/champion_evals")
 EVAL_FILES = ("metrics.json", "records.jsonl")
-METRIC_KEYS = ("n_questions", "protocol_hash", "question_set_hash")  # and accuracy_<promote.metric>
+METRIC_KEYS = ("n_questions", "protocol_hash", "question_set_hash")  # and accuracy_<metric> or <score>_mean
 
 
 def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
@@ -33,10 +33,13 @@ def read_eval(folder: str | Path, metric: str) -> tuple[dict, list[dict]]:
         metrics = read_json(path)
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: corrupt eval report ({str(err).splitlines()[0]})") from None
-    missing = [key for key in (*METRIC_KEYS, f"accuracy_{metric}") if not isinstance(metrics, dict) or key not in metrics]
+    missing = [key for key in METRIC_KEYS if not isinstance(metrics, dict) or key not in metrics]
+    if not missing and summary_key(metrics, metric) not in metrics:
+        missing = [f"accuracy_{metric}"]
     if missing:
         raise DataError(f"{path}: corrupt eval report (missing {', '.join(missing)})")
-    records = read_jsonl(folder / "records.jsonl", required={"question": str, f"correct_{metric}": bool})
+    key, kind = record_key(metrics, metric)
+    records = read_jsonl(folder / "records.jsonl", required={"question": str, key: kind})
     return metrics, records
 
 
@@ -62,6 +65,22 @@ def _accuracies(metrics: dict) -> dict[str, float]:
     return {key.removeprefix("accuracy_"): value for key, value in metrics.items() if key.startswith("accuracy_")}
 
 
+def well_formed_line(metrics: dict) -> str:
+    """The evaluation's degeneration rates in one line (posttrain/evaluation/degeneration.py)."""
+    if "truncation_rate" not in metrics:
+        return "not measured (an eval report from before the checks)"
+    return (f"cut off at the token limit {metrics['truncation_rate']:.3f}, looping {metrics['repetition_rate']:.3f}, "
+            f"input copied {metrics['copy_rate']:.3f} of items"
+            + (f", median length {metrics['length_ratio_median']:.2f}x the reference"
+               if metrics.get("length_ratio_median") is not None else ""))
+
+
+def stage_gain_line(decision: dict) -> str:
+    return (f"{decision['metric']} {decision['rl_vs_sft_difference']:+.3f}, {decision.get('confidence', 0.95):.0%} "
+            f"paired interval [{decision['rl_vs_sft_ci_low']:+.3f}, {decision['rl_vs_sft_ci_high']:+.3f}], "
+            f"{decision['rl_vs_sft_test']} p={decision['rl_vs_sft_p_value']:.3g}")
+
+
 def model_card(params: Params, candidate_metrics: dict, decision: dict, data_hash: str) -> str:
     cfg = to_dict(params)
     scores = ", ".join(f"{name} {value:.3f}" for name, value in _accuracies(candidate_metrics).items())
@@ -73,7 +92,9 @@ def model_card(params: Params, candidate_metrics: dict, decision: dict, data_has
         f"- method: SFT ({'DoRA' if params.sft.lora.get('use_dora') else 'LoRA'}) -> merge -> {params.rl.method}",
         f"- pass rates: {scores} on {candidate_metrics['n_questions']} held-out {params.data.task} items",
         f"- protocol `{candidate_metrics['protocol_hash']}`: `{json.dumps(candidate_metrics['protocol'])}`",
+        f"- well-formed replies: {well_formed_line(candidate_metrics)}",
         f"- gate: {'promoted' if decision['promote'] else 'rejected'}: {decision['reason']}",
+        *([f"- RL against SFT: {stage_gain_line(decision)}"] if "rl_vs_sft_difference" in decision else []),
         "",
         "## Params",
         "```json",
@@ -178,15 +199,29 @@ def baseline_results(client, cfg, base_eval: Path, cache_dir: Path) -> tuple[str
 def gate_decision(cfg, seed: int, candidate: tuple[dict, list[dict]], baseline: tuple[dict, list[dict]],
                   baseline_name: str) -> dict:
     """The gate's decision (posttrain/release/gate.py) as a dict; a refusal (other protocol, other items) rejects."""
-    (candidate_metrics, candidate_records), (baseline_metrics, baseline_records) = candidate, baseline
     try:
-        check_same_protocol(candidate_metrics, baseline_metrics)
-        right_candidate, right_baseline = pair_records(candidate_records, baseline_records, f"correct_{cfg.metric}")
-        decision = decide(right_candidate, right_baseline, cfg.threshold, cfg.min_effect, cfg.confidence,
-                          cfg.n_bootstrap, seed).as_dict()
+        decision = paired_decision(candidate, baseline, cfg.metric, cfg.threshold, cfg.min_effect, cfg.confidence,
+                                   cfg.n_bootstrap, seed)
+        harmed = harm_reasons(candidate[1], baseline[1], cfg.confidence, cfg.n_bootstrap, seed)
+        if harmed:  # do no harm: whatever the metric says
+            decision |= {"promote": False, "reason": "refused: " + "; ".join(harmed) + f" (the metric said: "
+                                                                                   f"{decision['reason']})"}
     except GateRefused as refused:
         decision = {"promote": False, "reason": f"refused: {refused}"}
     return decision | {"baseline": baseline_name, "metric": cfg.metric, "promoted": float(decision["promote"])}
+
+
+def stage_gain(cfg, seed: int, candidate: tuple[dict, list[dict]], before: tuple[dict, list[dict]]) -> dict:
+    """What a stage added: the candidate against the model it started from (RL against SFT), paired on
+    promote.metric, as `rl_vs_sft_*` fields (the difference, its interval, the test's p)."""
+    try:
+        paired = paired_decision(candidate, before, cfg.metric, 0.0, cfg.min_effect, cfg.confidence,
+                                 cfg.n_bootstrap, seed)
+    except GateRefused as refused:
+        return {"rl_vs_sft_refused": str(refused)}
+    return {"rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
+            "rl_vs_sft_ci_high": paired["ci_high"], "rl_vs_sft_p_value": paired["p_value"],
+            "rl_vs_sft_test": paired["test"]}
 
 
 def register_candidate(client, params: Params, candidate_dir: Path, candidate_eval: Path, candidate_metrics: dict,
@@ -231,8 +266,9 @@ def register_candidate(client, params: Params, candidate_dir: Path, candidate_ev
         "gate.reason": decision["reason"],
         "gate.baseline": baseline_name,
     }
-    for field in ("ci_low", "ci_high", "mcnemar_p", "count_both_right", "count_only_candidate",
-                  "count_only_baseline", "count_both_wrong"):
+    for field in ("ci_low", "ci_high", "mcnemar_p", "test", "p_value", "count_both_right", "count_only_candidate",
+                  "count_only_baseline", "count_both_wrong", "rl_vs_sft_difference", "rl_vs_sft_ci_low",
+                  "rl_vs_sft_ci_high", "rl_vs_sft_p_value"):
         if field in decision:
             tags[f"gate.{field}"] = decision[field]
     for tag, value in tags.items():

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config.schema import Params
-from posttrain.release.registry import CACHE_DIR, baseline_results, gate_decision, read_eval, register_candidate
+from posttrain.release.registry import (CACHE_DIR, baseline_results, gate_decision, read_eval, register_candidate,
+                                        stage_gain)
 
 
 def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, base_eval: str | Path,
@@ -27,6 +28,8 @@ def run(params: Params, candidate_dir: str | Path, candidate_eval: str | Path, b
     client = MlflowClient()
     baseline_name, *baseline = baseline_results(client, cfg, Path(base_eval), Path(cache_dir))
     decision = gate_decision(cfg, params.seed, candidate, tuple(baseline), baseline_name)
+    if (Path(sft_eval) / "metrics.json").exists():  # what the RL stage added over the model it started from
+        decision |= stage_gain(cfg, params.seed, candidate, read_eval(sft_eval, cfg.metric))
     version = None
     if register:
         version = register_candidate(client, params, Path(candidate_dir), candidate_eval, candidate[0], decision,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from posttrain.config.schema import Params
 from posttrain.io import atomic_path, read_json, write_json
+from posttrain.release.gate import summary_key
 
 CURVES = (  # (panel title, run() argument holding the train_log.json, log key)
     ("SFT loss", "sft_log", "loss"),
@@ -41,7 +42,7 @@ def run(params: Params, sft_log: Path, rl_log: Path, rm_log: Path, eval_base: Pa
         if path.exists():
             data = read_json(path)
             # pass_rate: what the gate decides on (promote.metric), the one series `dvc plots` draws
-            accuracy.append({"model": model, "pass_rate": data[f"accuracy_{params.promote.metric}"],
+            accuracy.append({"model": model, "pass_rate": data[summary_key(data, params.promote.metric)],
                              **{k: v for k, v in data.items() if k.startswith("accuracy_")}})
     promotion = Path(promotion)
     decision = read_json(promotion) if promotion.exists() else {}

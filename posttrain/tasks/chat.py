@@ -32,6 +32,8 @@ from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "chat"
 METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
+SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
 JUDGE_KIND = "mlp_head"  # the judge stage trains a reward model of the seed's kind on the judge part
 CLASSIFIER_LABELS = 1

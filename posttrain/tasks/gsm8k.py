@@ -19,6 +19,8 @@ from posttrain.io import DataError, read_jsonl, where
 
 NAME = "gsm8k"
 METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
+SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = False  # scored by the reference number: no learned judge
 CLASSIFIER_LABELS = 1  # the classifier reward model is an outcome verifier: one logit, P(correct)
 ANSWER_PATTERN = r"####\s*-?\$?\s*[\d,]*\.?\d+(?:/\d+)?\s*$"

@@ -5,6 +5,9 @@ Every task module exposes the same few names:
     NAME, METRICS (per-item booleans `correct_<m>`, reported as `accuracy_<m>`), PRIMARY_METRIC,
     DEFAULT_REWARDS (rl.rewards when params leave it empty), USES_JUDGE (its evaluation needs the judge stage),
     CLASSIFIER_LABELS (1: a one-logit verifier, 2: a two-class classifier whose class 1 is the reward)
+    SCORES (per-item numbers in the records that promote.metric may name: the gate then pairs scores)
+    FAILS_DEGENERATE (free-text tasks: a reply that did not end, loops or copies its input fails every metric;
+        posttrain/evaluation/degeneration.py; the rates are recorded for every task)
     prepare(params) -> (splits {train, val, test}, report)     read, validate (file:line errors), split
     prompt_and_reference(record) -> (user message, reference reply)
     reward_model_records(train) / judge_records(train) -> the records each of them trains on (disjoint)

@@ -28,6 +28,8 @@ from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "style"
 METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
+SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
 CLASSIFIER_LABELS = 2  # the seed's reward model: 2 classes, normal = 0, poem = 1
 CLASS_NAMES = ("normal", "poem")  # label 0 and label 1 of the reward model and the judge
