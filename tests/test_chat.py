@@ -194,7 +194,7 @@ def test_ppo_takes_the_seeds_defaults_for_chat_and_gsm8k_keeps_its_own():
     assert {k: chat_ppo.rl.ppo[k] for k in ("kl_coef", "response_length", "temperature")} == {
         "kl_coef": 0.03, "response_length": 32, "temperature": 0.7}
     assert chat_ppo.rl.rewards == {}  # PPO on the learned reward alone, as the seed
-    assert chat_params().rl.rewards == {"cosine_sts": 1.0}  # the other methods need a rule reward
+    assert chat_params().rl.rewards == {"cosine_sts": 1.0, "overlong": 1.0, "repetition": 0.5}  # the other methods need a rule reward
     gsm8k = load_params(ROOT / "params.yaml", overrides=["rl.method=ppo", "reward_model.kind=pairwise"])
     assert {k: gsm8k.rl.ppo[k] for k in ("kl_coef", "response_length", "temperature")} == {
         "kl_coef": 0.05, "response_length": 64, "temperature": 0.8}

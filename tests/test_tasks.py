@@ -50,7 +50,7 @@ def test_task_defaults_follow_data_task_and_a_foreign_metric_is_refused(tmp_path
     params = load_params(ROOT / "params.yaml", overrides=["data.task=style"])
     assert params.eval.system_prompt == params.data.style.system_prompt
     assert (params.promote.metric, params.promote.registered_model) == ("pass", "style-policy")
-    assert params.rl.rewards == {"style": 1.0} and params.data.source == "data/style"
+    assert params.rl.rewards == {"style": 1.0, "overlong": 1.0, "repetition": 0.5} and params.data.source == "data/style"
     assert digest(protocol(params.eval, style.protocol(params))) != "41548d399092d228"
     from posttrain.config.schema import ConfigError
 

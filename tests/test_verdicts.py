@@ -111,7 +111,7 @@ def test_summary_says_whether_rl_helped_over_sft_and_show_prints_replies_with_ve
     write_json(tmp_path / "reports/promotion.json", {"promote": False, "reason": "r", "baseline": "base model",
                                                      "metric": "judge_margin", **gain})
     text = render(collect(tmp_path))
-    assert "RL vs SFT: judge_margin +2.000" in text and "RL helped" in text
+    assert "RL vs SFT: judge_margin +2.000" in text and "RL helped" in text and "40 of replies" not in text
     shown = show(tmp_path, 2)
     assert "[1/40]" in shown and "[2/40]" in shown and "[3/40]" not in shown
     assert "judge_margin -10.000 (cut off, loops)" in shown and "judge_margin -12.000" in shown

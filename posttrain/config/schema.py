@@ -155,12 +155,15 @@ class TaskDefaults:
 PROJECT_PPO_DEFAULTS = {"kl_coef": 0.05, "response_length": 64, "temperature": 0.8}
 TASKS = {  # posttrain/tasks/registry.py holds the modules (a test checks they agree)
     "gsm8k": TaskDefaults(("strict", "flexible"), "flexible", {"exact_match": 1.0, "format": 0.2}),
-    "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0}, scores=("judge_p_poem",),
+    # text tasks: the reward also sees what the evaluation fails, a reply cut off at the token limit (DAPO's
+    # soft overlong punishment) and loops (repeated n-grams): trl.rewards' helpers, posttrain/rewards/functions.py
+    "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0, "overlong": 1.0, "repetition": 0.5},
+                          scores=("judge_p_poem",),
                           text=True),
     # PPO on the learned reward alone, with the seed's kl_coef, response_length and temperature
     # the gate reads the judge margin: `pass` (beat the reference under the judge) sat at 0-1 of 40 for every
     # model while the margin moved from -12.8 (base) to -9.9 (SFT)
-    "chat": TaskDefaults(("pass",), "judge_margin", {"cosine_sts": 1.0},
+    "chat": TaskDefaults(("pass",), "judge_margin", {"cosine_sts": 1.0, "overlong": 1.0, "repetition": 0.5},
                          ppo={"kl_coef": 0.03, "response_length": 32, "temperature": 0.7}, ppo_rewards={},
                          reward_model_kind="mlp_head", ppo_reward_model_kind="mlp_head", scores=("judge_margin",),
                          text=True),
@@ -205,6 +208,9 @@ class HybridConfig:
     gamma: float = 1.0
     lam: float = 0.95
     ppo_epochs: int = 1  # optimisation passes over each sampled batch
+    # its own LoRA learning rate (not rl.training's): the SFT and RL steps share one adapter, whose B starts at
+    # zero and moves ~lr per Adam step; 1e-5 over a few steps moves no greedy token (docs/methods/hybrid.md)
+    learning_rate: float = 2.0e-4
 
 
 @dataclass
@@ -514,6 +520,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("sft", "max_examples"), _between(0, None)),
     (("sft", "quantization"), _one_of(*QUANTIZATION)),
     (("rl", "method"), _one_of(*RL_METHODS)),
+    (("rl", "hybrid", "learning_rate"), _between(0, None, low_open=True)),
     (("rl", "max_prompts"), _between(0, None)),
     (("rl", "draft", "beta"), _between(0, None)),
     (("rl", "draft", "variant"), _one_of("project", "seed")),

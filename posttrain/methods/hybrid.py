@@ -252,6 +252,7 @@ def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     from posttrain.methods.common import policy_parts
 
     model, tokenizer, lora, args, reward_funcs = policy_parts(params, model_dir, checkpoint_dir)
+    args.learning_rate = params.rl.hybrid.learning_rate  # its own LoRA rate (rl.hybrid), not rl.training's
     policy = get_peft_model(model, lora)
     pairs = list(sft_pairs(dataset, params.eval))
     history = train(policy, tokenizer, list(dataset), pairs, reward_funcs, list(args.reward_weights), args,

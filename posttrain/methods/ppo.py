@@ -131,13 +131,14 @@ class RuleAugmentedReward(nn.Module):
         raise RuntimeError("RuleAugmentedReward: a PPO query matches no training prompt")
 
     def rule_rewards(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-        rows, completions = [], []
+        rows, completions, responses = [], [], []
         for seq, seq_mask in zip(ids.tolist(), mask.bool().tolist()):
             row, response = self.split(seq, seq_mask)
             rows.append(row)
+            responses.append(response)
             completions.append(self.tokenizer.decode(response, skip_special_tokens=True))
         columns = {key: [row[key] for row in rows] for key in rows[0]}
-        per_reward = [fn(completions=completions, **columns) for fn in self.reward_funcs]
+        per_reward = [fn(completions=completions, completion_ids=responses, **columns) for fn in self.reward_funcs]
         totals = [sum(w * float(values[i] or 0.0) for w, values in zip(self.weights, per_reward))
                   for i in range(len(completions))]
         means = {f"rewards/{getattr(fn, '__name__', 'rule')}": sum(float(v or 0.0) for v in values) / len(values)

@@ -155,7 +155,9 @@ def rollout(model, tokenizer, batch: list[dict], reward_funcs, reward_weights: l
     mask = (~after_eos).float()
     texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
     columns = {k: [b[k] for b in batch] for k in batch[0] if k != "prompt"}
-    per_reward = [fn(prompts=prompts, completions=texts, **columns) for fn in reward_funcs]
+    # completion_ids as GRPOTrainer passes them (up to and including EOS): trl.rewards' length and repetition terms read them
+    ids = [row[m.bool()].tolist() for row, m in zip(completion_ids, mask)]
+    per_reward = [fn(prompts=prompts, completions=texts, completion_ids=ids, **columns) for fn in reward_funcs]
     rewards = torch.tensor(weighted_total(per_reward, reward_weights))
     entry = {"completions/mean_length": float(mask.sum(-1).mean())}
     for fn, values in zip(reward_funcs, per_reward):

@@ -40,6 +40,9 @@ def collect(root: str | Path = ".") -> dict:
             out[name] = ({"skipped": True} if data.get("skipped") else
                          {k: data.get(k) for k in ("val_accuracy", "val_pairwise_accuracy") if k in data}
                          | ({"beats chance": "yes" if data["beats_chance"] else "NO"} if "beats_chance" in data else {}))
+    rl_report = root / graph.REPORTS / "rl.json"
+    if rl_report.exists():  # how far the RL stage moved the adapter (posttrain/training/trainer.py)
+        out["rl_moved"] = {k: v for k, v in read_json(rl_report).items() if k in ("adapter_update_norm", "kl_last")}
     for stage in graph.STAGES:
         if stage.metrics and (root / stage.metrics).exists():
             out["stage_seconds"][stage.name] = read_json(root / stage.metrics).get("stage_seconds")
@@ -105,6 +108,14 @@ def render(result: dict) -> str:
         lines.append(f"      {gate['reason']}")
         if gate.get("rl_vs_sft_difference") is not None:
             lines.append(rl_vs_sft_line(gate))
+        moved = result.get("rl_moved") or {}
+        if moved:
+            lines.append("RL moved the adapter: " + ", ".join(
+                f"{label} {moved[key]:.4g}" for key, label in (("adapter_update_norm", "update norm ||dW||"),
+                                                              ("kl_last", "KL to SFT (last step)")) if key in moved))
+        if gate.get("rl_changed_replies") == 0:
+            lines.append("WARNING: RL changed no greedy reply of SFT's: the RL stage did not move the model "
+                         "(docs/methods/index.md: LoRA RL budgets)")
     if "mlflow" in result:
         m = result["mlflow"]
         lines.append("")
@@ -116,8 +127,10 @@ def render(result: dict) -> str:
 def rl_vs_sft_line(gate: dict) -> str:
     """Did RL help over SFT? The paired difference on the gate's metric, its interval and the test's p."""
     low, high, p = gate["rl_vs_sft_ci_low"], gate["rl_vs_sft_ci_high"], gate["rl_vs_sft_p_value"]
-    verdict = ("RL helped" if low > 0 else "RL hurt" if high < 0 else "no evidence RL changed it")
-    return (f"RL vs SFT: {gate['metric']} {gate['rl_vs_sft_difference']:+.3f}, {gate.get('confidence') or 0.95:.0%} "
+    verdict = ("RL helped" if low > 0 else "RL hurt" if high < 0 else "no evidence RL changed the metric")
+    changed = gate.get("rl_changed_replies")
+    return (f"RL vs SFT: {'' if changed is None else f'{changed:.0%} of replies changed, '}"
+            f"{gate['metric']} {gate['rl_vs_sft_difference']:+.3f}, {gate.get('confidence') or 0.95:.0%} "
             f"paired interval [{low:+.3f}, "
             f"{high:+.3f}], {gate['rl_vs_sft_test']} p={p:.3g}: {verdict}")
 

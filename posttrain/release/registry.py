@@ -76,7 +76,8 @@ def well_formed_line(metrics: dict) -> str:
 
 
 def stage_gain_line(decision: dict) -> str:
-    return (f"{decision['metric']} {decision['rl_vs_sft_difference']:+.3f}, {decision.get('confidence', 0.95):.0%} "
+    return (f"{decision['rl_changed_replies']:.0%} of greedy replies changed; "
+            f"{decision['metric']} {decision['rl_vs_sft_difference']:+.3f}, {decision.get('confidence', 0.95):.0%} "
             f"paired interval [{decision['rl_vs_sft_ci_low']:+.3f}, {decision['rl_vs_sft_ci_high']:+.3f}], "
             f"{decision['rl_vs_sft_test']} p={decision['rl_vs_sft_p_value']:.3g}")
 
@@ -219,7 +220,9 @@ def stage_gain(cfg, seed: int, candidate: tuple[dict, list[dict]], before: tuple
                                  cfg.n_bootstrap, seed)
     except GateRefused as refused:
         return {"rl_vs_sft_refused": str(refused)}
-    return {"rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
+    before_by_question = {r["question"]: r.get("generation") for r in before[1]}
+    changed = sum(r.get("generation") != before_by_question[r["question"]] for r in candidate[1])
+    return {"rl_changed_replies": changed / len(candidate[1]), "rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
             "rl_vs_sft_ci_high": paired["ci_high"], "rl_vs_sft_p_value": paired["p_value"],
             "rl_vs_sft_test": paired["test"]}
 
@@ -268,7 +271,7 @@ def register_candidate(client, params: Params, candidate_dir: Path, candidate_ev
     }
     for field in ("ci_low", "ci_high", "mcnemar_p", "test", "p_value", "count_both_right", "count_only_candidate",
                   "count_only_baseline", "count_both_wrong", "rl_vs_sft_difference", "rl_vs_sft_ci_low",
-                  "rl_vs_sft_ci_high", "rl_vs_sft_p_value"):
+                  "rl_vs_sft_ci_high", "rl_vs_sft_p_value", "rl_changed_replies"):
         if field in decision:
             tags[f"gate.{field}"] = decision[field]
     for tag, value in tags.items():

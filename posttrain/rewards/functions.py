@@ -89,6 +89,24 @@ def format_factory():
     return _named(format_reward, "format")
 
 
+@register("overlong")
+def overlong_factory(max_completion_len: int = 128, soft_punish_cache: int = 48):
+    """DAPO's soft overlong punishment (trl.rewards): 0 up to max_completion_len - soft_punish_cache tokens, then
+    down to -1 at max_completion_len, where a sample that never wrote EOS ends. It sees what the evaluation
+    fails: a reply cut off at the token limit. Set max_completion_len to rl.training.max_completion_length."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    return _named(get_soft_overlong_punishment(max_completion_len, soft_punish_cache), "overlong")
+
+
+@register("repetition")
+def repetition_factory(ngram_size: int = 4, max_penalty: float = -1.0):
+    """trl.rewards' repetition penalty: max_penalty x the share of repeated token n-grams (a loop nears -1)."""
+    from trl.rewards import get_repetition_penalty_reward
+
+    return _named(get_repetition_penalty_reward(ngram_size, max_penalty), "repetition")
+
+
 @register("length_penalty")
 def length_penalty_factory(target_chars: int = 200):
     def length_penalty(completions, **_) -> list[float]:

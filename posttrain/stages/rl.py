@@ -25,7 +25,7 @@ from posttrain.evaluation.prompts import rl_prompt
 from posttrain.methods import registry as methods
 from posttrain.tasks import registry
 from posttrain.training.throughput import throughput_of
-from posttrain.training.trainer import summary_of
+from posttrain.training.trainer import adapter_update_norm, summary_of
 
 
 def build_dataset(records: list[dict], params: Params):
@@ -76,4 +76,7 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     history = read_json(Path(out_dir) / "train_log.json")
-    return summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length")) | throughput_of(history)
+    moved = adapter_update_norm(out_dir)  # how far the adapter moved the SFT model (0: not at all)
+    return (summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length",
+                                 "completions/clipped_ratio", "frac_reward_zero_std"))
+            | throughput_of(history) | ({"adapter_update_norm": moved} if moved is not None else {}))

@@ -177,3 +177,28 @@ def summary_of(log_history: list[dict], keys: tuple[str, ...]) -> dict[str, floa
         if values:
             out[f"{key}_first"], out[f"{key}_last"] = values[0], values[-1]
     return out
+
+
+def adapter_update_norm(folder: str | Path) -> float | None:
+    """How far a LoRA/DoRA adapter moved its model: the Frobenius norm of the weight change it adds,
+    sqrt(sum over modules of ||scaling * B @ A||^2), read from the saved adapter. None without an adapter.
+    LoRA's B starts at zero, so this is 0 for an adapter that never left its start."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if not weights.exists() or not config.exists():
+        return None
+    cfg = json.loads(config.read_text())
+    rank, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    scaling = alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+    tensors = load_file(str(weights))
+    total = 0.0
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            b = tensors[key.replace("lora_A.weight", "lora_B.weight")]
+            total += float(torch.linalg.matrix_norm(scaling * (b.float() @ a.float())) ** 2)
+    return total ** 0.5
