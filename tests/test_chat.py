@@ -443,7 +443,10 @@ def test_mlp_head_stage_trains_and_saves_only_the_head_with_a_pointer_to_its_bas
     evaluation = json.loads((trained_rm / "eval.json").read_text())
     prefs = read_jsonl(prepared / "preferences.jsonl")
     rm_rows = [r for r in prefs if r["part"] == "reward_model"]
-    assert evaluation["n_train_pairs"] == sum(r["split"] == "train" for r in rm_rows)
+    # every training pair also gave one shortcut pair (reference over the input copied, a line repeated, ...)
+    assert evaluation["n_train_pairs"] == 2 * sum(r["split"] == "train" for r in rm_rows)
+    assert set(evaluation["shortcut_pass_rates"]) == {"copied_input", "input_in_lines", "repeated_line", "cut_off"}
+    assert isinstance(evaluation["beats_shortcuts"], bool)
     assert evaluation["n_val_pairs"] == sum(r["split"] == "val" for r in rm_rows)
     assert {"beats_chance", "chance_p_value"} <= set(evaluation) and evaluation["sampled_rejected"] == 0
     values = reward_model.metrics(trained_rm)
@@ -561,7 +564,8 @@ def test_without_a_preference_file_rejected_replies_are_seeded_base_samples(tiny
         runs[name] = (json.loads((out / "eval.json").read_text()), read_jsonl(out / "sampled_pairs.jsonl"))
     evaluation, sampled = runs["rm"]
     assert evaluation["sample_seed"] == params.seed and evaluation["sampled_rejected"] == len(sampled)
-    assert evaluation["n_train_pairs"] == 4 and evaluation["pairs_from"] == "reference outputs over base-model samples"
+    # 4 sampled pairs and one shortcut pair for each
+    assert evaluation["n_train_pairs"] == 8 and evaluation["pairs_from"] == "reference outputs over base-model samples"
     assert all(s["sampled"] and s["chosen"] != s["rejected"] for s in sampled)
     assert runs["rm_again"][1] == sampled  # the same seed draws the same samples
     assert not {s["user"] for s in sampled} & {s["user"] for s in runs["judge"][1]}

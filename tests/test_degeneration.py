@@ -38,3 +38,19 @@ def test_a_well_formed_reply_is_not_degenerate_and_the_rates_count_each_kind():
     out = rates(items)
     assert out["truncation_rate"] == pytest.approx(1 / 3) and out["repetition_rate"] == pytest.approx(1 / 3)
     assert out["copy_rate"] == pytest.approx(1 / 3) and out["degenerate_rate"] == pytest.approx(2 / 3)
+
+
+def test_shortcut_negatives_are_built_from_the_record_and_the_check_is_loud(capsys):
+    from posttrain.reward_models import shortcuts
+
+    user, reference = "the train is late again and nobody knows why at all", "The train is late,\nthe platform cold"
+    assert shortcuts.shortcut("copied_input", user, reference) == user
+    assert shortcuts.shortcut("input_in_lines", user, reference).count("\n") == 1
+    assert shortcuts.shortcut("repeated_line", user, reference) == "\n".join(["The train is late,"] * 8)
+    assert shortcuts.shortcut("cut_off", user, reference) == "The train is"
+    kinds = [kind for kind, _ in shortcuts.one_per_record([(user, reference)] * 5)]
+    assert kinds == ["copied_input", "input_in_lines", "repeated_line", "cut_off", "copied_input"]
+    out = shortcuts.check({"copied_input": [True, False], "cut_off": [False, False]}, 0.2, "judge")
+    assert out["beats_shortcuts"] is False and out["shortcut_pass_rates"] == {"copied_input": 0.5, "cut_off": 0.0}
+    assert "WARNING: the judge passes shortcuts" in capsys.readouterr().out
+    assert shortcuts.check({"cut_off": [False]}, 0.2, "judge")["beats_shortcuts"] is True

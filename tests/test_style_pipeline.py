@@ -44,4 +44,8 @@ def test_style_run_through_dvc_repro_and_the_gate(tmp_path):
     assert metrics["protocol"]["task"] == "style" and "judge" in metrics["protocol"]
     promotion = json.loads((reports / "promotion.json").read_text())
     expected = gate.decide(*gate.pair_records(records["rl"], records["base"], "correct_pass"), 0.0, 0.0, 0.95, 2000, 42)
-    assert promotion["metric"] == "pass" and promotion["promote"] == expected.promote
+    harmed = gate.harm_reasons(records["rl"], records["base"], 0.95, 2000, 42)  # do no harm comes first
+    assert promotion["metric"] == "pass" and promotion["promote"] == (expected.promote and not harmed)
+    # the judge was checked against the shortcuts a policy finds, on held-out records
+    judge_eval = json.loads((ws / "models/judge/eval.json").read_text())
+    assert set(judge_eval["shortcut_pass_rates"]) == {"copied_input", "input_in_lines", "repeated_line", "cut_off"}

@@ -125,6 +125,10 @@ class RewardModelConfig:
     max_length: int = 256
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments fields
     mlp_head: MLPHeadConfig = field(default_factory=MLPHeadConfig)  # kind mlp_head (also the chat task's judge)
+    # text tasks: the judge and reward model train on shortcut negatives (input copied or broken into lines, a
+    # line repeated, a reply cut off; posttrain/reward_models/shortcuts.py) and a kind they still pass on more
+    # than this share of held-out items is a loud warning, as the chance check is
+    max_shortcut_pass: float = 0.2
 
 
 QUANTIZATION = ("none", "4bit", "8bit")  # sft.quantization: bitsandbytes precision of the frozen base
@@ -520,6 +524,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("sft", "max_examples"), _between(0, None)),
     (("sft", "quantization"), _one_of(*QUANTIZATION)),
     (("rl", "method"), _one_of(*RL_METHODS)),
+    (("reward_model", "max_shortcut_pass"), _between(0, 1)),
     (("rl", "hybrid", "learning_rate"), _between(0, None, low_open=True)),
     (("rl", "max_prompts"), _between(0, None)),
     (("rl", "draft", "beta"), _between(0, None)),

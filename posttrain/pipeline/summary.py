@@ -39,7 +39,9 @@ def collect(root: str | Path = ".") -> dict:
             data = read_json(path)
             out[name] = ({"skipped": True} if data.get("skipped") else
                          {k: data.get(k) for k in ("val_accuracy", "val_pairwise_accuracy") if k in data}
-                         | ({"beats chance": "yes" if data["beats_chance"] else "NO"} if "beats_chance" in data else {}))
+                         | ({"beats chance": "yes" if data["beats_chance"] else "NO"} if "beats_chance" in data else {})
+                         | ({"beats shortcuts": "yes" if data["beats_shortcuts"] else "NO"}
+                            if "beats_shortcuts" in data else {}))
     rl_report = root / graph.REPORTS / "rl.json"
     if rl_report.exists():  # how far the RL stage moved the adapter (posttrain/training/trainer.py)
         out["rl_moved"] = {k: v for k, v in read_json(rl_report).items() if k in ("adapter_update_norm", "kl_last")}

@@ -23,6 +23,7 @@ from pathlib import Path
 from posttrain.config.schema import REWARD_MODEL_KINDS, Params
 from posttrain.io import atomic_path, read_jsonl, write_json, write_jsonl
 from posttrain.evaluation.prompts import completion_example
+from posttrain.reward_models import shortcuts
 from posttrain.tasks import registry
 from posttrain.training.trainer import summary_of, trainer_kwargs
 
@@ -190,6 +191,10 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
         print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
         for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
             pair["rejected"], pair["sampled"] = reply, True
+    if task.FAILS_DEGENERATE:  # free text: the shortcuts a policy finds, each preferred less than the reference
+        train_pairs = train_pairs + [
+            {"user": p["user"], "chosen": p["chosen"], "rejected": text, "shortcut": kind}
+            for p, (kind, text) in zip(train_pairs, shortcuts.one_per_record([(p["user"], p["chosen"]) for p in train_pairs]))]
     set_seed(params.seed)  # before the head is built: it starts the same every run
     backbone, tokenizer = mlp_head.load_backbone(base_dir)
     model = mlp_head.MLPHeadRewardModel(backbone, cfg.mlp_head.dropout)
@@ -216,6 +221,14 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
                   **({"sample_seed": params.seed, "sample_temperature": head.sample_temperature,
                       "sample_max_new_tokens": head.sample_max_new_tokens} if to_sample else {})}
     evaluation |= chance_check(held_out["pairwise_accuracy"], len(val_pairs), what)
+    if task.FAILS_DEGENERATE:  # passed = the shortcut scores above the reference reply on a held-out pair
+        passed = {}
+        for kind in shortcuts.KINDS:
+            fakes = [{"user": p["user"], "rejected": shortcuts.shortcut(kind, p["user"], p["chosen"])} for p in val_pairs]
+            with torch.no_grad():
+                fake_scores, real_scores = model.score(features(fakes, "rejected")), model.score(val_c)
+            passed[kind] = [bool(f > r) for f, r in zip(fake_scores.reshape(-1).tolist(), real_scores.reshape(-1).tolist())]
+        evaluation |= shortcuts.check(passed, cfg.max_shortcut_pass, what)
     print(f"{what}: held-out pairwise accuracy {held_out['pairwise_accuracy']:.3f} on {len(val_pairs)} pairs "
           f"(train {seen['pairwise_accuracy']:.3f} on {len(train_pairs)}), pairs from {origin}")
     with atomic_path(out_dir, is_dir=True) as tmp:
@@ -322,6 +335,9 @@ def train_classifier(params: Params, train_records: list[dict], val_records: lis
 
     def labelled(records, n, seed):
         examples = task.classifier_examples(records, n, seed)
+        if task.FAILS_DEGENERATE:  # free text: the shortcuts a policy finds are negatives too
+            references = [task.prompt_and_reference(r) for r in records[: max(1, n // 2)]]
+            examples += [{"text": text, "label": 0} for _, text in shortcuts.one_per_record(references)]
         # one logit + BCE wants float targets [[y]]; two classes + cross-entropy want the class index
         column = [[float(e["label"])] for e in examples] if n_labels == 1 else [int(e["label"]) for e in examples]
         return Dataset.from_list(examples).add_column("labels", column).map(tokenize, batched=True, batch_size=None)
@@ -349,7 +365,28 @@ def train_classifier(params: Params, train_records: list[dict], val_records: lis
     evaluation = trainer.evaluate() | {"kind": "classifier", "n_labels": n_labels, "encoder": encoder,
                                        "n_train_examples": len(train)}
     evaluation |= chance_check(evaluation.get("eval_accuracy", 0.0), len(val), what)
+    if task.FAILS_DEGENERATE:
+        evaluation |= classifier_shortcut_check(trainer, tokenize, val_records, task, params, what)
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
+
+
+def classifier_shortcut_check(trainer, tokenize, val_records: list[dict], task, params: Params, what: str) -> dict:
+    """Every shortcut kind of every held-out record, scored: passed = P(class 1) at or above the task's judge
+    threshold (style: data.style.judge_threshold)."""
+    import numpy as np
+    from datasets import Dataset
+
+    threshold = getattr(getattr(params.data, task.NAME), "judge_threshold", 0.5)
+    items = [(kind, shortcuts.shortcut(kind, *task.prompt_and_reference(r)))
+             for r in val_records for kind in shortcuts.KINDS]
+    logits = np.asarray(trainer.predict(Dataset.from_list([{"text": text} for _, text in items])
+                                        .map(tokenize, batched=True, batch_size=None)).predictions)
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        p_one = np.exp(logits[:, 1]) / np.exp(logits).sum(axis=1)
+    else:
+        p_one = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+    passed = {kind: [bool(p >= threshold) for (k, _), p in zip(items, p_one) if k == kind] for kind in shortcuts.KINDS}
+    return shortcuts.check(passed, params.reward_model.max_shortcut_pass, what)
 
 
 def metrics(out_dir: str | Path) -> dict[str, float]:
@@ -362,6 +399,9 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
         "val_accuracy": float(evaluation.get("eval_accuracy", 0.0)), "val_loss": float(evaluation.get("eval_loss", 0.0)),
         "beats_chance": float(evaluation.get("beats_chance", False)),
     }
+    if "beats_shortcuts" in evaluation:
+        values |= {"beats_shortcuts": float(evaluation["beats_shortcuts"]),
+                   **{f"shortcut_pass_{kind}": float(rate) for kind, rate in evaluation["shortcut_pass_rates"].items()}}
     if evaluation.get("kind") in ("pairwise", "mlp_head"):  # eval_accuracy: the share of pairs with chosen > rejected
         values |= {"val_pairwise_accuracy": float(evaluation.get("eval_accuracy", 0.0)),
                    "val_margin": float(evaluation.get("eval_margin", 0.0)),

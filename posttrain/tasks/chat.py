@@ -349,5 +349,6 @@ def protocol(params) -> dict:
         f"reference outputs over base-model samples of the odd-index training instructions (seed {params.seed})")
     return {"task": NAME, "prompt_format": cfg.prompt_format,
             **({"prompt_template": SEED_TEMPLATE} if cfg.prompt_format == "seed" else {}),
-            "judge": f"mlp_head reward model (frozen {params.base.source} + MLP 512-256-1, Bradley-Terry) on {data}",
+            "judge": f"mlp_head reward model (frozen {params.base.source} + MLP 512-256-1, Bradley-Terry) on {data}, "
+                     "with shortcut negatives (posttrain/reward_models/shortcuts.py)",
             "pass": "judge score(greedy reply) > judge score(reference output)"}

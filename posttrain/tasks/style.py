@@ -251,7 +251,8 @@ def summary(per_item: list[dict]) -> dict:
 def protocol(params) -> dict:
     cfg = params.data.style
     return {"task": NAME, "judge": f"2-class classifier on {cfg.judge_encoder}, trained on the odd-index training "
-                                   "records (the reward model trains on the even ones)",
+                                   "records (the reward model trains on the even ones), with shortcut negatives "
+                                   "(posttrain/reward_models/shortcuts.py)",
             "judge_threshold": cfg.judge_threshold, "content": f"cosine of mean-pooled {cfg.content_encoder} embeddings "
                                                               "to the reference poem",
             "content_threshold": cfg.content_threshold}
