@@ -41,7 +41,7 @@ def encoder_source(name: str) -> str:
 
 
 def reward_names(rewards) -> set[str]:
-    """The reward names in rl.rewards, in either form: `name -> weight` or the seed's spec
+    """The reward names in rl.rewards, in either form: `name -> weight` or a typed spec
     ({type: weighted_sum, components: [{type: name, ...}]}, inline or a file path)."""
     from posttrain.rewards.functions import load_spec
 
@@ -166,6 +166,24 @@ def sample_replies(base_dir: str | Path, users: list[str], params: Params, batch
     return replies
 
 
+def _mlp_head_pairs(params: Params, task, role: str, train_path, val_path, preferences_path, base_dir, what: str):
+    """The role's training and held-out pairs, their origin, and the pairs whose rejected reply was missing and
+    has been sampled from the base model (seeded)."""
+    has_pairs = preferences_path and Path(preferences_path).exists() and Path(preferences_path).stat().st_size > 0
+    preferences = read_jsonl(preferences_path) if has_pairs else []  # empty: the task has no preference data
+    pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
+    train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
+                                               params.reward_model.n_examples, params.seed)
+    if not train_pairs or not val_pairs:
+        raise ValueError(f"{what}: {len(train_pairs)} training and {len(val_pairs)} held-out pairs; both are needed")
+    to_sample = [p for p in train_pairs + val_pairs if p["rejected"] is None]
+    if to_sample:
+        print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
+        for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
+            pair["rejected"], pair["sampled"] = reply, True
+    return train_pairs, val_pairs, origin, to_sample
+
+
 def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_path, base_dir, out_dir,
                    what: str) -> dict:
     """An mlp_head model (reward model or judge, by `role`) on the task's pairs; held-out pairwise accuracy
@@ -178,18 +196,8 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
     from posttrain.evaluation.prompts import prompt_text, reply_text
 
     cfg, task = params.reward_model, registry.get(params.data.task)
-    has_pairs = preferences_path and Path(preferences_path).exists() and Path(preferences_path).stat().st_size > 0
-    preferences = read_jsonl(preferences_path) if has_pairs else []  # empty: the task has no preference data
-    pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
-    train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
-                                               cfg.n_examples, params.seed)
-    if not train_pairs or not val_pairs:
-        raise ValueError(f"{what}: {len(train_pairs)} training and {len(val_pairs)} held-out pairs; both are needed")
-    to_sample = [p for p in train_pairs + val_pairs if p["rejected"] is None]
-    if to_sample:
-        print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
-        for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
-            pair["rejected"], pair["sampled"] = reply, True
+    train_pairs, val_pairs, origin, to_sample = _mlp_head_pairs(params, task, role, train_path, val_path,
+                                                                preferences_path, base_dir, what)
     set_seed(params.seed)  # before the head is built: it starts the same every run
     backbone, tokenizer = mlp_head.load_backbone(base_dir)
     model = mlp_head.MLPHeadRewardModel(backbone, cfg.mlp_head.dropout)
