@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # row name -> dvc exp run -S overrides
     "draft": ["rl.method=draft", "rl.draft.variant=project"],
-    "draft_seed": ["rl.method=draft", "rl.draft.variant=seed", "rl.draft.beta=0.1"],
+    "draft_notebook": ["rl.method=draft", "rl.draft.variant=draft_notebook", "rl.draft.beta=0.1"],
     "reinforce": ["rl.method=reinforce"],
     "grpo": ["rl.method=grpo"],
     "hybrid_alternate": ["rl.method=hybrid", "rl.hybrid.mode=alternate"],  # one SFT then one PPO step per batch
@@ -72,7 +72,9 @@ def own_row_name(params: dict) -> str:
     rl = params["rl"]
     if rl["method"] == "hybrid":
         return f"hybrid_{rl['hybrid']['mode']}"
-    return "draft_seed" if rl["method"] == "draft" and rl["draft"]["variant"] == "seed" else rl["method"]
+    # a workspace's params.yaml may still hold the variant's old name, `seed` (deprecated)
+    notebook = rl["method"] == "draft" and rl["draft"]["variant"] in ("draft_notebook", "seed")
+    return "draft_notebook" if notebook else rl["method"]
 
 
 def write_hybrid(path: Path, task: str, result: dict) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from test_pipeline import _run
+from conftest import ROOT, run_in
 
 DATA = ROOT / "data" / "gsm8k"
 
@@ -47,10 +46,10 @@ def test_a_clone_with_nothing_beside_it_runs_the_tiny_pipeline(tmp_path):
     assert re.search(r"^  gsm8k:\n    source: data/gsm8k\b", (clone / "params.yaml").read_text(), re.M)
 
     # The venv installs this checkout editable; run from the clone, the clone's code must be the one imported.
-    where = _run([sys.executable, "-c", "import posttrain, tasks; print(posttrain.__file__, tasks.__file__)"], clone)
+    where = run_in(clone, [sys.executable, "-c", "import posttrain.stages as s; print(s.__file__)"])
     assert all(Path(p).resolve().is_relative_to(clone.resolve()) for p in where.stdout.split()), where.stdout
 
-    result = _run([sys.executable, "-m", "posttrain", "-q", "run"], clone)
+    result = run_in(clone, [sys.executable, "-m", "posttrain", "-q", "run"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (clone / "reports" / "promotion.json").exists()
     assert "data/gsm8k" in (clone / "dvc.lock").read_text()  # the prepare stage hashed the in-repo copy

@@ -1,4 +1,4 @@
-"""The persona chat task (posttrain/tasks/chat.py), the seed's mlp_head reward model (posttrain/reward_models/mlp_head.py),
+"""The persona chat task (posttrain/tasks/chat.py), StrictBot's mlp_head reward model (posttrain/reward_models/mlp_head.py),
 PPO on it, and the held-out judge, on tiny models.
 
     .venv/bin/python -m pytest tests/test_chat.py -q -m "not slow"     # schema, split, prompts, the head's wiring
@@ -174,14 +174,15 @@ def test_chat_defaults_prompt_formats_and_the_protocol(tiny_base):
     record = {"input": "whats 2+2", "output": "Count on from 2. What do you reach?"}
     assert sft_example(record, params.eval, chat)["completion"] == [{"role": "assistant", "content": record["output"]}]
 
-    seed = load_params(ROOT / "params.yaml", overrides=["data.task=chat", "data.chat.prompt_format=seed"])
+    strictbot = load_params(ROOT / "params.yaml", overrides=["data.task=chat", "data.chat.prompt_format=strictbot"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    assert seed.eval.prompt_style == "seed" and seed.eval.system_prompt == ""
-    assert prompt_text("whats 2+2", seed.eval, tokenizer) == "<|user|> whats 2+2 <|end|>\n<|assistant|>"
-    assert sft_example(record, seed.eval, chat) == {"prompt": "<|user|> whats 2+2 <|end|>\n<|assistant|>",
-                                                    "completion": " Count on from 2. What do you reach?"}
-    assert rl_prompt(record, seed.eval, chat)["prompt"] == "<|user|> whats 2+2 <|end|>\n<|assistant|>"
-    recorded = protocol(seed.eval, chat.protocol(seed))
+    assert strictbot.eval.prompt_style == "strictbot" and strictbot.eval.system_prompt == ""
+    assert prompt_text("whats 2+2", strictbot.eval, tokenizer) == "<|user|> whats 2+2 <|end|>\n<|assistant|>"
+    assert sft_example(record, strictbot.eval, chat) == {"prompt": "<|user|> whats 2+2 <|end|>\n<|assistant|>",
+                                                         "completion": " Count on from 2. What do you reach?"}
+    assert rl_prompt(record, strictbot.eval, chat)["prompt"] == "<|user|> whats 2+2 <|end|>\n<|assistant|>"
+    recorded = protocol(strictbot.eval, chat.protocol(strictbot))
+    # recorded under the name its results were first hashed with (tests/test_prompt_pins.py pins the hash)
     assert recorded["prompt_style"] == "seed" and recorded["prompt_template"] == "<|user|> {user} <|end|>\n<|assistant|>"
     assert "judge part of preferences.jsonl" in recorded["judge"]
     assert digest(recorded) != digest(protocol(params.eval, chat.protocol(params)))
@@ -189,11 +190,11 @@ def test_chat_defaults_prompt_formats_and_the_protocol(tiny_base):
         load_params(ROOT / "params.yaml", overrides=["data.task=chat", "eval.prompt_style=plain"])
 
 
-def test_ppo_takes_the_seeds_defaults_for_chat_and_gsm8k_keeps_its_own():
+def test_ppo_takes_strictbots_defaults_for_chat_and_gsm8k_keeps_its_own():
     chat_ppo = load_params(ROOT / "params.yaml", overrides=["data.task=chat", "rl.method=ppo", "reward_model.kind=mlp_head"])
     assert {k: chat_ppo.rl.ppo[k] for k in ("kl_coef", "response_length", "temperature")} == {
         "kl_coef": 0.03, "response_length": 32, "temperature": 0.7}
-    assert chat_ppo.rl.rewards == {}  # PPO on the learned reward alone, as the seed
+    assert chat_ppo.rl.rewards == {}  # PPO on the learned reward alone, as StrictBot
     assert chat_params().rl.rewards == {"cosine_sts": 1.0, "overlong": 1.0, "repetition": 0.5}  # the other methods need a rule reward
     gsm8k = load_params(ROOT / "params.yaml", overrides=["rl.method=ppo", "reward_model.kind=pairwise"])
     assert {k: gsm8k.rl.ppo[k] for k in ("kl_coef", "response_length", "temperature")} == {
@@ -235,7 +236,7 @@ def head_model(tiny_base):
     return mlp_head.MLPHeadRewardModel(backbone).eval(), AutoTokenizer.from_pretrained(tiny_base)
 
 
-def test_the_head_is_the_seeds_mlp(head_model):
+def test_the_head_is_strictbots_mlp(head_model):
     model, _ = head_model
     layers = list(model.head)
     hidden = model.config.hidden_size

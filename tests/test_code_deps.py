@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_in
 from posttrain.pipeline import graph
-from test_pipeline import _run
 
 DVC = str(Path(sys.executable).parent / "dvc")
 EVALS = {"eval_base", "eval_sft", "eval_rl"}
@@ -43,7 +42,7 @@ def test_stage_deps_follow_the_imports_of_the_task_module():
 
 def _flagged(ws: Path) -> set[str]:
     """Stages `dvc status` calls changed."""
-    status = _run([DVC, "status", "--json"], ws)
+    status = run_in(ws, [DVC, "status", "--json"])
     assert status.returncode == 0, status.stderr[-2000:]
     return set(json.loads(status.stdout or "{}"))
 
@@ -92,7 +91,7 @@ def test_changed_code_flags_exactly_the_stages_that_run_it(workspace_copy):
     # Reproducing after a change to RL-only code reruns rl and, if its model changed, what reads it; never
     # the stages before it.
     (ws / "posttrain/methods/reinforce.py").write_text((ws / "posttrain/methods/reinforce.py").read_text() + "# a changed line\n")
-    again = _run([DVC, "repro"], ws)
+    again = run_in(ws, [DVC, "repro"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage '")}
     assert "rl" in ran and ran <= {"rl"} | _downstream(ws, {"rl"}), ran

@@ -63,10 +63,10 @@ def test_shipped_library_fields_are_the_installed_libraries_fields():
     from posttrain.config import schema as config
 
     shipped = json.loads(config.LIBRARY_FIELDS_FILE.read_text())
-    assert shipped["versions"] == config._installed_versions(), "stale: run make library-fields"
+    assert shipped["versions"] == config.installed_versions(), "stale: run make library-fields"
     live = config.library_fields_from_the_libraries()
     assert {tuple(k.split(".")): set(v) for k, v in shipped["fields"].items()} == live
-    assert config._library_fields() == live
+    assert config.library_fields() == live
 
 
 def test_library_fields_of_other_versions_are_read_from_the_libraries(tmp_path, monkeypatch):
@@ -80,9 +80,9 @@ def test_library_fields_of_other_versions_are_read_from_the_libraries(tmp_path, 
     stale.write_text(json.dumps({"versions": {"transformers": "0.0.1", "trl": "0", "peft": "0"},
                                  "fields": {"sft.training": ["only_this"]}}))
     monkeypatch.setattr(config, "LIBRARY_FIELDS_FILE", stale)
-    assert "learning_rate" in config._library_fields()[("sft", "training")]
+    assert "learning_rate" in config.library_fields()[("sft", "training")]
     stale.write_text("{not json")
-    assert "learning_rate" in config._library_fields()[("sft", "training")]
+    assert "learning_rate" in config.library_fields()[("sft", "training")]
     path = write(tmp_path, "sft:\n  training:\n    max_steps: 2\n    learnin_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"params.yaml:4: unknown key 'sft.training.learnin_rate'"):
         load_params(path)
@@ -219,6 +219,6 @@ def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_pa
     assert len(builds) == 4
     # The field names are still checked on a recorded pass (here a forged one).
     (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 3.0e-4", "learnin_rate: 3.0e-4", 1))
-    preflight._passed_stamp(tmp_path / "params.yaml", tmp_path / preflight.PASSED_DIR).touch()
+    preflight.passed_stamp(tmp_path / "params.yaml", tmp_path / preflight.PASSED_DIR).touch()
     with pytest.raises(ConfigError, match="unknown key 'sft.training.learnin_rate'"):
         preflight.validate_workspace(tmp_path)

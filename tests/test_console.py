@@ -62,9 +62,9 @@ def test_a_failed_stage_shows_the_tail_of_its_last_attempt(tmp_path, monkeypatch
 
 
 def test_progress_is_read_from_the_tqdm_counter():
-    live = console._Live(None, echo=False)
-    assert console._PROGRESS.findall("sft:  50%|#####     | 1/2 [00:05<00:05,  5.47s/it]") == [("1", "2", "00:05", "00:05")]
-    assert console._bar(("1", "2", "00:05", "00:05"), width=10) == "[#####.....] 1/2 eta 00:05"
+    live = console.LiveOutput(None, echo=False)
+    assert console.PROGRESS.findall("sft:  50%|#####     | 1/2 [00:05<00:05,  5.47s/it]") == [("1", "2", "00:05", "00:05")]
+    assert console.progress_bar(("1", "2", "00:05", "00:05"), width=10) == "[#####.....] 1/2 eta 00:05"
     assert live.progress is None
 
 

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from test_pipeline import DVC, _run
+from conftest import run_in
+from test_pipeline import DVC
 
 
 @pytest.mark.slow
@@ -17,9 +18,9 @@ def test_dvc_exp_run_sweeps_rl_methods_and_exp_show_lists_accuracy(workspace_cop
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=ws, check=True, capture_output=True)
 
     skipped_rm = (ws / "models/reward_model/skipped.json").read_bytes()  # the tiny grpo run reads no reward model
-    sweep = _run([DVC, "exp", "run", "-n", "hybrid-curriculum", "-S", "rl.method=hybrid",
-                  "-S", "rl.hybrid.mode=curriculum",
-                  "-S", "rl.hybrid.sft_fraction_start=1.0", "-S", "rl.hybrid.sft_fraction_end=0.0"], ws)
+    sweep = run_in(ws, [DVC, "exp", "run", "-n", "hybrid-curriculum", "-S", "rl.method=hybrid",
+                        "-S", "rl.hybrid.mode=curriculum",
+                        "-S", "rl.hybrid.sft_fraction_start=1.0", "-S", "rl.hybrid.sft_fraction_end=0.0"])
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     ran = {line.split("'")[1] for line in sweep.stdout.splitlines() if line.startswith("Running stage")}
     # the sweep touches rl params only: data, base, SFT and the base/SFT evals are reused. The reward model
@@ -29,7 +30,7 @@ def test_dvc_exp_run_sweeps_rl_methods_and_exp_show_lists_accuracy(workspace_cop
                                                               "eval_base", "eval_sft"}, ran
     assert (ws / "models/reward_model/skipped.json").read_bytes() == skipped_rm
 
-    shown = _run([DVC, "exp", "show", "--json"], ws)
+    shown = run_in(ws, [DVC, "exp", "show", "--json"])
     assert shown.returncode == 0, shown.stderr
     text = json.dumps(json.loads(shown.stdout))
     assert "hybrid-curriculum" in text and "reports/eval_rl.json" in text and "accuracy_flexible" in text

@@ -128,7 +128,9 @@ def test_hybrid_alternate_makes_an_sft_and_a_ppo_step_on_each_batch(params, prep
     assert not any("value" in k for k in after), "the value head is not part of the policy"
 
 
-def test_seed002_profile_sets_the_seeds_reinforce(tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile, deprecated", [("assignment_reinforce", False), ("seed002", True)])
+def test_the_assignment_reinforce_profile_sets_the_assignments_reinforce(tmp_path, monkeypatch, capsys, profile,
+                                                                         deprecated):
     import shutil
 
     from conftest import ROOT
@@ -137,7 +139,11 @@ def test_seed002_profile_sets_the_seeds_reinforce(tmp_path, monkeypatch):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     monkeypatch.chdir(tmp_path)
-    update_params_file(tmp_path / "params.yaml", "seed002", [])  # validated before it is written
+    update_params_file(tmp_path / "params.yaml", profile, [])  # validated before it is written
+    warned = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    # the old name: the same file, and one line naming the new one
+    assert warned == (["warning: --profile seed002 is deprecated, use --profile assignment_reinforce (the same file; "
+                       "the old name will be refused in the next release)"] if deprecated else [])
     from posttrain.config.schema import load_params
 
     rl_cfg = load_params(tmp_path / "params.yaml").rl

@@ -98,8 +98,8 @@ def test_a_busy_dvc_lock_is_not_retried(tmp_path):
             def result(self):
                 raise self.error
 
-        assert pipeline._retry_transient_only(None, None, State(lifecycle.WorkspaceBusy("busy"))) is False
-        assert pipeline._retry_transient_only(None, None, State(OSError("network"))) is True
+        assert pipeline.retry_transient_only(None, None, State(lifecycle.WorkspaceBusy("busy"))) is False
+        assert pipeline.retry_transient_only(None, None, State(OSError("network"))) is True
     finally:
         holder.kill()
         holder.wait()

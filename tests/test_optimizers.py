@@ -58,7 +58,7 @@ def _one_step(optimizer, scheduler, trainable):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable)), "the step moved nothing"
 
 
-# The seed's optimizer names that TrainingArguments lacks: each is the bitsandbytes class of that name.
+# The assignment's optimizer names that TrainingArguments lacks: each is the bitsandbytes class of that name.
 @pytest.mark.parametrize("name, cls, kwargs", [
     ("adam_8bit", "Adam8bit", {}), ("adam_32bit", "Adam32bit", {}), ("paged_adam_8bit", "PagedAdam8bit", {}),
     ("paged_adam_32bit", "PagedAdam32bit", {}), ("adagrad_8bit", "Adagrad8bit", {}),
@@ -66,7 +66,7 @@ def _one_step(optimizer, scheduler, trainable):
     ("adamw_32bit", "AdamW32bit", {"weight_decay": 0.1}),
 ])
 @pytest.mark.slow  # optimizer steps: training, however small
-def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tmp_path):
+def test_assignment_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tmp_path):
     import bitsandbytes.optim
 
     from posttrain.training import optim
@@ -85,7 +85,7 @@ def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tm
     assert state.dtype == (torch.uint8 if "8bit" in name else torch.float32)
 
 
-# The seed's schedule names: torch.optim.lr_scheduler classes by name ('LR' optional), `none` = constant.
+# The assignment's schedule names: torch.optim.lr_scheduler classes by name ('LR' optional), `none` = constant.
 @pytest.mark.parametrize("name, cls, kwargs, lrs", [
     ("step", "StepLR", {"step_size": 2, "gamma": 0.5}, [1e-2, 5e-3, 5e-3, 2.5e-3]),
     ("multistep", "MultiStepLR", {"milestones": [1, 3], "gamma": 0.1}, [1e-3, 1e-3, 1e-4, 1e-4]),
@@ -97,7 +97,7 @@ def test_seed_optimizer_names_build_the_bitsandbytes_class(name, cls, kwargs, tm
     ("none", "LambdaLR", {}, [1e-2] * 4),
 ])
 @pytest.mark.slow  # optimizer steps: training, however small
-def test_seed_schedule_names_build_the_torch_class(name, cls, kwargs, lrs, tmp_path):
+def test_assignment_schedule_names_build_the_torch_class(name, cls, kwargs, lrs, tmp_path):
     from posttrain.training import optim
 
     weight = torch.nn.Parameter(torch.ones(4))

@@ -1,14 +1,12 @@
 """The stage graph, the evaluator's stop rule, the gate stage, and the whole flow on tiny settings."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in
 from posttrain.pipeline import graph
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -78,15 +76,15 @@ def test_continuous_batching_gives_each_row_its_own_decode(varied_tiny_model, mo
     assert decoding.shared_prefix_length([tokenizer(p).input_ids for p in PROMPTS]) >= 3
     # Cache buffers are allocated uninitialised: fill them with NaN, so a column read before it is
     # written (padding left unzeroed by a merge, say) turns the row's logits into NaN.
-    real_empty = decoding.PreallocatedLayer._empty
-    monkeypatch.setattr(decoding.PreallocatedLayer, "_empty",
+    real_empty = decoding.PreallocatedLayer.new_buffer
+    monkeypatch.setattr(decoding.PreallocatedLayer, "new_buffer",
                         lambda self, states, rows=None: real_empty(self, states, rows).fill_(float("nan")))
     alone, alone_lengths = decoding.greedy_generate(model, tokenizer, PROMPTS, 16, batch_size=1, eos_ids=set(),
                                                     share_prefix=False)
     assert alone_lengths == [16] * len(PROMPTS)
     trimmed = []
-    real_leading_padding = decoding._leading_padding
-    monkeypatch.setattr(decoding, "_leading_padding", lambda mask: trimmed.append(real_leading_padding(mask)) or trimmed[-1])
+    real_leading_padding = decoding.leading_padding
+    monkeypatch.setattr(decoding, "leading_padding", lambda mask: trimmed.append(real_leading_padding(mask)) or trimmed[-1])
 
     # An end-of-sequence token that rows write at different steps.
     eos = int(alone[1, 4])
@@ -144,10 +142,19 @@ def test_sliding_window_models_fall_back_to_transformers_generate(capsys):
     assert result.texts == reference.texts
 
 
-def _run(cmd, cwd, env=None):
-    full_env = dict(os.environ, PREFECT_HOME=str(Path(cwd) / ".prefect"), **(env or {}))
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
+def expected_decision(ws: Path):
+    """posttrain.release.gate.decide on the paired per-question records of the workspace's eval reports."""
+    from posttrain.config.schema import load_params
+    from posttrain.release.gate import decide, pair_records
+
+    params = load_params(ws / "params.yaml")
+    cfg = params.promote
+    reports = {name: [json.loads(line) for line in (ws / f"reports/eval/{name}/records.jsonl").open()]
+               for name in ("rl", "base")}
+    metrics = json.loads((ws / "reports/eval/rl/metrics.json").read_text())
+    cand, base = pair_records(reports["rl"], reports["base"], f"correct_{cfg.metric}")
+    assert sum(cand) / len(cand) == pytest.approx(metrics[f"accuracy_{cfg.metric}"])
+    return decide(cand, base, cfg.threshold, cfg.min_effect, cfg.confidence, cfg.n_bootstrap, params.seed)
 
 
 @pytest.mark.slow
@@ -163,9 +170,9 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
     records = [json.loads(l) for l in (ws / "reports/eval/rl/records.jsonl").open()]
     assert len(records) == 6 and {"question", "generation", "gold", "correct_flexible"} <= set(records[0])
 
-    status = _run([DVC, "status"], ws)
+    status = run_in(ws, [DVC, "status"])
     assert "up to date" in status.stdout, status.stdout
-    again = _run([DVC, "repro"], ws)
+    again = run_in(ws, [DVC, "repro"])
     assert again.returncode == 0 and "Running stage" not in again.stdout
 
     import mlflow
@@ -180,22 +187,9 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
     version = client.get_model_version("gsm8k-policy", "1")
     assert "protocol_hash" in version.tags and "# gsm8k-policy" in version.description  # the model card
 
-    # The gate decided what the data determine: posttrain.release.gate.decide on the paired per-question records
-    # of the eval reports (no champion yet, so the base model is the baseline), and `champion` moved iff so.
-    from posttrain.config.schema import load_params
-    from posttrain.release.gate import decide, pair_records
-
-    def expected_decision():
-        params = load_params(ws / "params.yaml")
-        cfg = params.promote
-        reports = {name: [json.loads(line) for line in (ws / f"reports/eval/{name}/records.jsonl").open()]
-                   for name in ("rl", "base")}
-        metrics = json.loads((ws / "reports/eval/rl/metrics.json").read_text())
-        cand, base = pair_records(reports["rl"], reports["base"], f"correct_{cfg.metric}")
-        assert sum(cand) / len(cand) == pytest.approx(metrics[f"accuracy_{cfg.metric}"])
-        return decide(cand, base, cfg.threshold, cfg.min_effect, cfg.confidence, cfg.n_bootstrap, params.seed)
-
-    want = expected_decision()
+    # The gate decided what the data determine (no champion yet, so the base model is the baseline), and
+    # `champion` moved iff so.
+    want = expected_decision(ws)
     decision = json.loads((ws / "reports/promotion.json").read_text())
     assert decision["baseline"] == "base model" and decision["model_version"] in ("1", 1)
     assert decision["promote"] is want.promote and decision["reason"] == want.reason, (decision, want)
@@ -206,7 +200,7 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
     assert ("champion" in aliases) is want.promote and (not want.promote or str(aliases["champion"]) == "1")
 
     # Changing one eval knob reruns only the eval stages and the gate.
-    changed = _run([sys.executable, "-m", "posttrain", "-q", "run", "-S", "eval.max_new_tokens=10"], ws)
+    changed = run_in(ws, [sys.executable, "-m", "posttrain", "-q", "run", "-S", "eval.max_new_tokens=10"])
     assert changed.returncode == 0, changed.stderr[-2000:]
     from posttrain.pipeline.console import STAGE_LINE  # one console line per stage: name, ran | reused, time, figure
 
@@ -218,6 +212,6 @@ def test_full_flow_on_tiny_settings_then_dvc_repro_is_a_noop(reproduced_workspac
         assert second["baseline"] == "champion v1" and second["promote"] is False
         assert second["reason"].startswith("refused: refusing to compare results under a different protocol")
     else:  # still no champion: the new eval reports against the base model's, decided by the data again
-        again_want = expected_decision()
+        again_want = expected_decision(ws)
         assert second["baseline"] == "base model" and second["promote"] is again_want.promote
         assert second["reason"] == again_want.reason

@@ -151,7 +151,7 @@ COLUMNS = {"answer": ["72", "72", "72"], "solution": [SOLUTION] * 3}
 TEXTS = [RIGHT, WRONG, SOLUTION]
 
 
-def test_the_mapping_and_the_equivalent_seed_spec_give_the_same_numbers(tmp_path):
+def test_the_mapping_and_the_equivalent_typed_spec_give_the_same_numbers(tmp_path):
     import json
 
     mapping = {"exact_match": 2.0, "format": 0.5, "rouge_l": {"weight": 1.5}}
@@ -161,7 +161,7 @@ def test_the_mapping_and_the_equivalent_seed_spec_give_the_same_numbers(tmp_path
             "components": [{"type": "exact_match", "weight": 2.0}, {"type": "format", "weight": 0.5},
                            {"type": "rouge_l", "weight": 1.5}],
             "postprocess": [{"type": "clip", "min": 0.0, "max": 3.0}, {"type": "scale", "mul": 0.5}]}
-    assert rewards.as_seed_spec(mapping, postprocess) == spec
+    assert rewards.as_typed_spec(mapping, postprocess) == spec
     (from_spec,), (w,) = rewards.build(spec)
     path = tmp_path / "reward.json"
     path.write_text(json.dumps(spec))
@@ -178,7 +178,7 @@ def test_the_mapping_and_the_equivalent_seed_spec_give_the_same_numbers(tmp_path
     assert spec_plain(TEXTS, **COLUMNS) == pytest.approx(unclipped)
 
 
-def test_seed_spec_divides_by_the_weights_and_chains_in_order():
+def test_typed_spec_divides_by_the_weights_and_chains_in_order():
     base = {"type": "weighted_sum", "components": [{"type": "exact_match", "weight": 3.0},
                                                    {"type": "format", "weight": 1.0}]}
     (normalised,), _ = rewards.build(base)  # normalize_weights is on in a spec
@@ -223,7 +223,7 @@ def test_per_sample_ema_normalisation_by_hand():
     ({"type": "weighted_sum", "components": [{"type": "format"}], "postprocess": [{"type": "normalize", "per": "step"}]},
      "normalize.per must be sample or batch"),
 ])
-def test_bad_seed_specs_are_refused_naming_the_place(spec, message):
+def test_bad_typed_specs_are_refused_naming_the_place(spec, message):
     with pytest.raises(ValueError, match=message):
         rewards.validate(spec)
 

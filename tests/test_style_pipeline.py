@@ -1,4 +1,4 @@
-"""The style task end to end: `dvc repro` of the tiny pipeline on the shipped style data, the seed's DRaFT,
+"""The style task end to end: `dvc repro` of the tiny pipeline on the shipped style data, the DRaFT notebook's variant,
 the judge stage, per-item pass/fail and the gate (slow: trains tiny models)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def test_style_run_through_dvc_repro_and_the_gate(tmp_path):
     from posttrain.io import read_jsonl
 
     ws = make_workspace(tmp_path / "ws", [f"data.style.source={ROOT / 'data' / 'style'}", "data.task=style",
-                                          "rl.method=draft", "rl.draft.variant=seed", "rl.draft.beta=0.1"])
+                                          "rl.method=draft", "rl.draft.variant=draft_notebook", "rl.draft.beta=0.1"])
     done = run_in(ws, [str(Path(sys.executable).parent / "dvc"), "repro"], timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = ws / "reports"
@@ -30,7 +30,7 @@ def test_style_run_through_dvc_repro_and_the_gate(tmp_path):
     for name in ("reward_model", "judge"):
         assert (ws / "models" / name / "model.safetensors").exists(), name
         assert json.loads((ws / "models" / name / "config.json").read_text())["id2label"] == {"0": "normal", "1": "poem"}
-    # the seed's DRaFT saved its projection and its new LayerNorm beside the model
+    # the DRaFT notebook's variant saved its projection and its new LayerNorm beside the model
     from safetensors.torch import load_file
 
     assert set(load_file(ws / "models/rl/draft_projection.safetensors")) == {

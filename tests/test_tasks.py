@@ -1,5 +1,5 @@
 """The task layer: the registry, GSM8K pinned as it was, the style task's schema, split and reward model,
-the seed's DRaFT variant, and a stage that no method needs being skipped."""
+the DRaFT notebook's variant, and a stage that no method needs being skipped."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.methods import draft
-from posttrain.config.schema import TASKS, load_params
+from posttrain.config.schema import TASKS, ConfigError, line_index, load_params
 from posttrain.io import DataError
 from posttrain.evaluation.prompts import digest, protocol, rl_prompt, sft_example
 from posttrain.tasks import registry, style
@@ -140,7 +140,7 @@ def test_shipped_style_data_splits_and_reward_model_and_judge_never_share_a_reco
     assert sorted(e["label"] for e in examples) == [0] * len(rm) + [1] * len(rm)
 
 
-# --------------------------------------------------------------------------- the seed's DRaFT
+# --------------------------------------------------------------------------- the DRaFT notebook's variant
 
 
 def tiny_classifier(num_labels=2):
@@ -150,7 +150,7 @@ def tiny_classifier(num_labels=2):
     return model
 
 
-def test_seed_variant_reaches_adapters_projection_and_new_layer_norm_but_not_the_classifier(tiny_base):
+def test_draft_notebook_variant_reaches_adapters_projection_and_new_layer_norm_but_not_the_classifier(tiny_base):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -162,7 +162,7 @@ def test_seed_variant_reaches_adapters_projection_and_new_layer_norm_but_not_the
         if "lora_B" in name:  # B starts at zero, which would hide a broken path into A
             torch.nn.init.normal_(p, std=0.1)
     rm = tiny_classifier()
-    reward = draft.SeedSoftTokenReward(rm, policy.get_input_embeddings().weight.shape[1])
+    reward = draft.DraftNotebookSoftTokenReward(rm, policy.get_input_embeddings().weight.shape[1])
     input_ids = torch.randint(3, 50, (2, 10))
     labels = input_ids.clone()
     labels[:, :4] = -100
@@ -182,12 +182,27 @@ def test_seed_variant_reaches_adapters_projection_and_new_layer_norm_but_not_the
     assert torch.allclose(reward(soft, policy.get_input_embeddings().weight, mask), value)
 
 
-def test_seed_beta_ramp_and_raw_logit_reward():
+@pytest.mark.parametrize("name", ["draft_notebook", "seed"])
+def test_the_draft_notebook_variant_by_its_name_and_by_its_old_name(capsys, name):
+    params = load_params(ROOT / "params.yaml", overrides=["rl.method=draft", f"rl.draft.variant={name}"])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    line = line_index((ROOT / "params.yaml").read_text())[("rl", "draft", "variant")]
+    assert warned == ([f"warning: {ROOT / 'params.yaml'}:{line}: 'rl.draft.variant: seed' is deprecated, use "
+                       "'draft_notebook' (the same setting; the old name will be refused in the next release)"]
+                      if name == "seed" else [])
+    # the stage builds its reward from this value: the old name gets the same class
+    assert params.rl.draft.variant == "draft_notebook"
+    assert draft.VARIANTS[params.rl.draft.variant] is draft.DraftNotebookSoftTokenReward
+    with pytest.raises(ConfigError, match=r"'rl.draft.variant' must be one of project, draft_notebook, got 'notebook'"):
+        load_params(ROOT / "params.yaml", overrides=["rl.draft.variant=notebook"])
+
+
+def test_draft_notebook_beta_ramp_and_raw_logit_reward():
     assert draft.beta_at(0, 0.1, 50) == 0.0 and draft.beta_at(25, 0.1, 50) == pytest.approx(0.05)
     assert draft.beta_at(50, 0.1, 50) == pytest.approx(0.1) and draft.beta_at(80, 0.1, 50) == pytest.approx(0.1)
     logits = torch.tensor([[0.3, 2.5], [1.0, -4.0]])
     assert torch.allclose(draft.class_one_probability(logits), torch.softmax(logits, -1)[:, 1])
-    assert draft.SeedSoftTokenReward.min_tokens == 2 and draft.SoftTokenReward.min_tokens == 1
+    assert draft.DraftNotebookSoftTokenReward.min_tokens == 2 and draft.SoftTokenReward.min_tokens == 1
 
 
 # --------------------------------------------------------------------------- stages that nothing needs

@@ -8,6 +8,9 @@
     posttrain gate                         # exit 1 unless the last candidate was promoted
     posttrain gc --keep 3                  # delete old registered versions and unused DVC cache (asks first)
     posttrain ui                           # MLflow UI on the local store
+
+Argument parsing and dispatch; the servers `ui` and `serve` start, and their stopping, are in
+posttrain/cli/servers.py.
 """
 
 from __future__ import annotations
@@ -169,88 +172,15 @@ def cmd_summary(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from posttrain.cli import servers
     from posttrain.release.tracking import tracking_uri
 
     uri = args.backend_store_uri or tracking_uri(".")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
-    if args.artifacts_destination:  # clients then log artifacts through this server (proxied)
-        command += ["--artifacts-destination", args.artifacts_destination]
-    if args.auth:  # users from MLFLOW_AUTH_CONFIG_PATH's database; clients send MLFLOW_TRACKING_USERNAME/PASSWORD
-        if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
-            raise ConfigError("--auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (a random secret, the same for every "
-                              "server process) and MLFLOW_AUTH_CONFIG_PATH (users database, admin account)")
-        command += ["--app-name", "basic-auth"]
-    print(f"MLflow server for {uri}; the runs: {_runs_url(args)} (Ctrl-C stops it)", flush=True)
-    return _serve_until_stopped(command, "MLflow server")
-
-
-def _runs_url(args) -> str:
-    """The address of the experiment's runs table. MLflow 3.17's UI opens on its GenAI view (traces) whatever the
-    experiment's kind tag says, unless the address asks for workflowType=machine_learning."""
-    url = f"http://{args.host}:{args.port}"
-    if args.backend_store_uri:  # another store: which experiment is not ours to say
-        return url
-    from posttrain.release.tracking import setup
-
-    try:
-        experiment_id = setup(".")  # the workspace's experiment (created and tagged as model training if new)
-    except Exception:  # noqa: BLE001 - an unreadable store: the server will say why
-        return url
-    return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
-def _stop_group(proc, grace: float = 10.0) -> None:
-    """SIGTERM a process group (a server and the workers it forked), SIGKILL what is left after `grace` s."""
-    import signal
-    import time
-
-    pgid = proc.pid  # started with start_new_session: its pid is its group's id
-
-    def alive() -> bool:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    if alive():
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so the group can empty
-        time.sleep(0.1)
-    if alive():
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _serve_until_stopped(command: list[str], what: str) -> int:
-    """Run a server in a process group of its own; SIGINT/SIGTERM here stop that whole group (its workers too)."""
-    import signal
-    import subprocess
-
-    from posttrain.pipeline.lifecycle import Stopped
-
-    proc = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches us, we stop the group
-
-    def handler(signum, _frame):
-        raise Stopped(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = proc.wait()
-    except Stopped as stop:
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        _stop_group(proc)
-        proc.wait()
-        print(f"posttrain: {stop}: stopped the {what} (process group {proc.pid}) and its workers", file=sys.stderr)
-        return 128 + stop.signum
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    _stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
-    return code
+    command = servers.mlflow_server_command(uri, args.host, args.port, args.workers, args.artifacts_destination,
+                                            args.auth)
+    url = servers.runs_url(args.host, args.port, args.backend_store_uri)
+    print(f"MLflow server for {uri}; the runs: {url} (Ctrl-C stops it)", flush=True)
+    return servers.serve_until_stopped(command, "MLflow server")
 
 
 def cmd_compare(args) -> int:
@@ -285,116 +215,22 @@ def _one_run_at_a_time():
     return ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE")
 
 
-def _local_prefect_server():
-    """A real Prefect server (API + scheduler) on 127.0.0.1, its state in $PREFECT_HOME (the workspace's .prefect/):
-    Prefect's temporary server cannot run schedules. A context that yields its API URL and stops it on exit."""
-    import contextlib
-    import socket
-    import subprocess
-    import time
-
-    import httpx
-
-    @contextlib.contextmanager
-    def server():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        home = Path(os.environ["PREFECT_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        log = home / "server.log"
-        prefect = Path(sys.executable).parent / "prefect"
-        with log.open("w") as handle:
-            proc = subprocess.Popen([str(prefect if prefect.exists() else "prefect"), "server", "start",
-                                     "--host", "127.0.0.1", "--port", str(port)],
-                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/api"
-        try:
-            deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError(f"could not start a local Prefect server (its log: {log}); start one with "
-                                      "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL="
-                                      "http://127.0.0.1:4200/api")
-                time.sleep(0.5)
-            print(f"started a local Prefect server with its scheduler at {url.removesuffix('/api')} (state in {home}, "
-                  f"log {log}); it stops with serve. PREFECT_API_URL picks another server", flush=True)
-            _LOCAL_SERVER.append(proc)
-            yield url
-        finally:
-            if proc in _LOCAL_SERVER:
-                _LOCAL_SERVER.remove(proc)
-            _stop_group(proc)
-
-    return server()
-
-
-_LOCAL_SERVER: list = []  # the local Prefect server's process while serve runs
-
-
-def _server_pids() -> set[int]:
-    from posttrain.pipeline.lifecycle import descendants
-
-    return {pid for proc in _LOCAL_SERVER for pid in (proc.pid, *descendants(proc.pid))}
-
-
-def _stop_pids(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM these processes, SIGKILL the ones left after `grace` seconds."""
-    import signal
-    import time
-
-    from posttrain.pipeline.lifecycle import _signal_all, process_start
-
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(process_start(pid) for pid in pids):
-        time.sleep(0.2)
-    _signal_all([pid for pid in pids if process_start(pid)], signal.SIGKILL)
-
-
 def cmd_serve(args) -> int:
     import contextlib
-    import threading
 
-    from posttrain.pipeline.lifecycle import Stopped, descendants, stop_on_signals
+    from posttrain.cli import servers
 
     parameters = _deployment_parameters(args)
     with contextlib.ExitStack() as stack:
         if not os.environ.get("PREFECT_API_URL"):
             # Before prefect is imported: its settings (and the flow runs serve starts) read the variable.
-            os.environ["PREFECT_API_URL"] = stack.enter_context(_local_prefect_server())
+            os.environ["PREFECT_API_URL"] = stack.enter_context(servers.local_prefect_server())
         from posttrain.pipeline.flow import pipeline
 
         print(f"serving deployment '{args.name}' with cron '{args.cron}' (Ctrl-C to stop)", flush=True)
-        # Prefect's runner, in the main thread, answers SIGTERM with sys.exit and leaves its flow runs running
-        # (3.8: "coroutine 'Runner.astop' was never awaited"). In a thread it installs no handler: this one stops
-        # the flow runs it started (their stages end their MLflow runs KILLED), then the local server.
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            try:
-                pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=_one_run_at_a_time())
-            except BaseException as err:  # noqa: BLE001 - reported by the main thread
-                failure.append(err)
-
-        thread = threading.Thread(target=serve, name="prefect-serve", daemon=True)
-        thread.start()
-        try:
-            with stop_on_signals(forward_to_children=False):
-                while thread.is_alive():
-                    thread.join(0.5)
-        except Stopped as stop:
-            server_pids = _server_pids()
-            runs = [pid for pid in descendants(os.getpid()) if pid not in server_pids]
-            _stop_pids(runs)
-            print(f"posttrain serve: {stop}: stopped {len(runs)} flow-run process(es) and the schedule", file=sys.stderr)
-            return 128 + stop.signum
-        if failure:
-            raise failure[0]
-    return 0
+        # Returns inside the stack: a stopped schedule ends its flow runs before the local server goes.
+        return servers.serve_until_signalled(lambda: pipeline.serve(
+            name=args.name, cron=args.cron, parameters=parameters, global_limit=_one_run_at_a_time()))
 
 
 def cmd_deploy(args) -> int:

@@ -71,7 +71,7 @@ class ChatTaskConfig:
     # JSON Lines of {prompt, chosen, rejected}; "" = none (rejected = base-model samples)
     preferences: str = "preferences.jsonl"
     system_prompt: str = CHAT_SYSTEM_PROMPT  # the persona (eval.system_prompt `task`)
-    # chat_template (the tokenizer's) | seed (the literal '<|user|> {input} <|end|>\n<|assistant|>')
+    # chat_template (the tokenizer's) | strictbot (StrictBot's literal '<|user|> {input} <|end|>\n<|assistant|>')
     prompt_format: str = "chat_template"
     val_fraction: float = 0.1  # instructions held out for validation (seeded)
     test_fraction: float = 0.2  # instructions held out as the evaluation items (seeded)
@@ -109,7 +109,7 @@ class MLPHeadConfig:
     learning_rate: float = 1.0e-3  # AdamW on the head only
     batch_size: int = 16  # pairs per step
     weight_decay: float = 0.01
-    dropout: float = 0.1  # after each hidden layer of the head (the seed's)
+    dropout: float = 0.1  # after each hidden layer of the head (StrictBot's)
     sample_temperature: float = 1.0  # without preference data: rejected = a base-model sample at this temperature
     sample_max_new_tokens: int = 48  # ... of at most this many tokens
 
@@ -118,7 +118,7 @@ class MLPHeadConfig:
 class RewardModelConfig:
     # task (the task's own: chat mlp_head; others classifier, pairwise for PPO) | classifier (encoder verifier;
     # DRaFT and the `verifier` reward) | pairwise (LM + scalar head; PPO) | mlp_head (frozen base LM + MLP head
-    # on the last token, the StrictBot seed's; PPO)
+    # on the last token, the StrictBot notebook's; PPO)
     kind: str = "task"
     encoder: str = "minilm"  # classifier: minilm (PyPI wheel) | tiny | local HF folder
     n_examples: int = 512  # references + corrupted references used to train the verifier
@@ -187,9 +187,11 @@ class DraftConfig:
     """DRaFT: loss = LM loss - beta_t * reward(Gumbel-softmax soft tokens -> frozen encoder reward model)."""
 
     reward_model: str = "models/reward_model"  # frozen encoder classifier (reward_model.kind: classifier)
-    variant: str = "project"  # project (sigmoid, the encoder's embedding block) | seed (raw class-1 logit, new LayerNorm)
-    beta: float = 1.0  # reward weight once warmed up (the seed: 0.1)
-    warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps (the seed: 50)
+    # project (sigmoid, the encoder's embedding block) | draft_notebook (the DRaFT notebook's: raw class-1 logit,
+    # new LayerNorm)
+    variant: str = "project"
+    beta: float = 1.0  # reward weight once warmed up (the DRaFT notebook: 0.1)
+    warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps (the DRaFT notebook: 50)
     tau: float = 1.0  # Gumbel-softmax temperature
     hard: bool = False  # straight-through one-hot samples instead of soft ones
     training: dict = field(default_factory=dict)  # trl.SFTConfig fields (the LM-loss side is an SFT step)
@@ -198,7 +200,7 @@ class DraftConfig:
 @dataclass
 class HybridConfig:
     """SFT and RL on one policy (posttrain/methods/hybrid.py): `alternate` = one SFT step then one PPO step on the same
-    batch (the seed's); `curriculum` = SFT and REINFORCE steps, the SFT share moving linearly start -> end."""
+    batch (the assignment's); `curriculum` = SFT and REINFORCE steps, the SFT share moving linearly start -> end."""
 
     mode: str = "alternate"  # alternate | curriculum
     sft_fraction_start: float = 0.5  # curriculum: share of SFT steps at the first step (1.0 = only SFT)
@@ -219,11 +221,11 @@ class HybridConfig:
 
 @dataclass
 class ReinforceConfig:
-    """The REINFORCE estimator's choices (posttrain/methods/reinforce.py); seed 002: k1, token_mean, [-20, 0]."""
+    """The REINFORCE estimator's choices (posttrain/methods/reinforce.py); the assignment: k1, token_mean, [-20, 0]."""
 
-    kl_estimator: str = "k3"  # k3 (unbiased, >= 0) | k1 (log ratio, the seed's)
-    kl_reduction: str = "sequence_sum"  # sequence_sum | token_mean (the seed's)
-    logprob_clamp: list = field(default_factory=list)  # [] = none, or [low, high] (the seed's [-20, 0])
+    kl_estimator: str = "k3"  # k3 (unbiased, >= 0) | k1 (log ratio, the assignment's)
+    kl_reduction: str = "sequence_sum"  # sequence_sum | token_mean (the assignment's)
+    logprob_clamp: list = field(default_factory=list)  # [] = none, or [low, high] (the assignment's [-20, 0])
 
 
 @dataclass
@@ -240,7 +242,7 @@ class RLConfig:
     max_prompts: int = 64  # training questions used (as prompts, or as question -> answer pairs by draft/hybrid)
     lora: dict = field(default_factory=dict)  # peft.LoraConfig fields (use_dora: true for DoRA)
     training: dict = field(default_factory=dict)  # trl.GRPOConfig fields (grpo, reinforce, hybrid's RL steps)
-    # name -> weight or {weight, options}; or the seed's spec {type: weighted_sum, components, postprocess},
+    # name -> weight or {weight, options}; or a typed spec {type: weighted_sum, components, postprocess},
     # inline or as a JSON file path (posttrain/rewards/functions.py); empty: the task's defaults
     rewards: dict | str = field(default_factory=dict)
     # {clip: [lo, hi], scale, normalize, ema_decay, normalize_weights}, or an ordered chain [{type: clip, ...}, ...]
@@ -261,7 +263,7 @@ class EvalConfig:
     batch_size: int = 64  # rows decoded together (posttrain/evaluation/decoding.py)
     streams: int = 0  # batches decoded side by side in threads, sharing batch_size; 0 = auto (CPU: 1 per 32 rows)
     max_new_tokens: int = 256
-    # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:") | seed ("<|user|> ... <|end|>\n<|assistant|>")
+    # chat (tokenizer's chat template) | plain ("Question: ...\nAnswer:") | strictbot ("<|user|> ... <|end|>\n<|assistant|>")
     prompt_style: str = "chat"
     shots: int = 0  # k-shot examples taken from the training split
     system_prompt: str = "task"  # `task`: the task's own (data.<task>.system_prompt); anything else is used as is
@@ -306,7 +308,7 @@ LIBRARY_FIELDS_FILE = Path(__file__).with_name("library_fields.json")
 FIELD_LIBRARIES = ("transformers", "trl", "peft")
 
 
-def _installed_versions() -> dict[str, str]:
+def installed_versions() -> dict[str, str]:
     from importlib.metadata import version
 
     return {name: version(name) for name in FIELD_LIBRARIES}
@@ -324,14 +326,14 @@ def write_library_fields(path: Path = LIBRARY_FIELDS_FILE) -> Path:
     from posttrain.io import write_json
 
     fields = {".".join(k): sorted(v) for k, v in library_fields_from_the_libraries().items()}
-    write_json(path, {"versions": _installed_versions(), "fields": fields})
+    write_json(path, {"versions": installed_versions(), "fields": fields})
     return path
 
 
-def _library_fields() -> dict[tuple[str, ...], set[str]]:
+def library_fields() -> dict[tuple[str, ...], set[str]]:
     try:
         shipped = json.loads(LIBRARY_FIELDS_FILE.read_text())
-        if shipped["versions"] == _installed_versions():
+        if shipped["versions"] == installed_versions():
             return {tuple(k.split(".")): set(v) for k, v in shipped["fields"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or unreadable: the libraries themselves answer
@@ -341,7 +343,7 @@ def _library_fields() -> dict[tuple[str, ...], set[str]]:
 # --------------------------------------------------------------------------- loading
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
+def line_index(text: str) -> dict[tuple[str, ...], int]:
     """Map each key path in a YAML document to its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
 
@@ -378,7 +380,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
-def _build(cls: type, raw: Any, path: tuple[str, ...], where: "_Where") -> Any:
+def _build(cls: type, raw: Any, path: tuple[str, ...], where: "Where") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where(path)}: {'.'.join(path) or 'top level'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -406,7 +408,7 @@ def _did_you_mean(key: str, names: set[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-class _Where:
+class Where:
     def __init__(self, file: str, lines: dict[tuple[str, ...], int]):
         self.file, self.lines = file, lines
 
@@ -457,19 +459,20 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     text = path.read_text()
     try:
         raw = yaml.safe_load(text) or {}
-        lines = _line_index(text)
+        lines = line_index(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{label}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     raw = apply_overrides(raw, overrides or [])
-    where = _Where(label, lines)
+    where = Where(label, lines)
     params = _build(Params, raw, (), where)
+    rename_deprecated_values(params, where)
     check_values(params, where)
     check_precision(params, where)
     resolve_task_defaults(params, where)
     if check_library_fields or build_library_configs:
-        for section_path, allowed in _library_fields().items():
+        for section_path, allowed in library_fields().items():
             section = params
             for name in section_path:
                 section = getattr(section, name)
@@ -482,6 +485,25 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if build_library_configs:
         check_library_configs(params, where)
     return params
+
+
+# Values renamed to say which original they follow ("seed" now only means a random seed). The old name still
+# loads, with a one-line warning, for one release; then it goes from this table and is refused like any typo.
+RENAMED_VALUES: dict[tuple[str, ...], dict[str, str]] = {
+    ("data", "chat", "prompt_format"): {"seed": "strictbot"},
+    ("rl", "draft", "variant"): {"seed": "draft_notebook"},
+    ("eval", "prompt_style"): {"seed": "strictbot"},
+}
+
+
+def rename_deprecated_values(params: Params, where: "Where") -> None:
+    """Replace a deprecated value by its new name, saying so on stderr: the stages only know the new names."""
+    for path, renamed in RENAMED_VALUES.items():
+        value = _get(params, path)
+        if isinstance(value, str) and value in renamed:
+            print(f"warning: {where(path)}: '{'.'.join(path)}: {value}' is deprecated, use '{renamed[value]}' "
+                  "(the same setting; the old name will be refused in the next release)", file=sys.stderr)
+            setattr(_get(params, path[:-1]), path[-1], renamed[value])
 
 
 def _between(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False):
@@ -504,7 +526,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("data", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "style", "content_threshold"), _between(-1, 1)),
     (("data", "style", "judge_threshold"), _between(0, 1, low_open=True, high_open=True)),
-    (("data", "chat", "prompt_format"), _one_of("chat_template", "seed")),
+    (("data", "chat", "prompt_format"), _one_of("chat_template", "strictbot")),
     (("data", "chat", "val_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "chat", "test_fraction"), _between(0, 1, low_open=True, high_open=True)),
     (("data", "chat", "judge_fraction"), _between(0, 1, low_open=True, high_open=True)),
@@ -528,7 +550,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("rl", "hybrid", "learning_rate"), _between(0, None, low_open=True)),
     (("rl", "max_prompts"), _between(0, None)),
     (("rl", "draft", "beta"), _between(0, None)),
-    (("rl", "draft", "variant"), _one_of("project", "seed")),
+    (("rl", "draft", "variant"), _one_of("project", "draft_notebook")),
     (("rl", "draft", "warmup_steps"), _between(0, None)),
     (("rl", "draft", "tau"), _between(0, None, low_open=True)),
     (("rl", "hybrid", "sft_fraction_start"), _between(0, 1)),
@@ -551,7 +573,7 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("eval", "streams"), _between(0, None)),
     (("eval", "max_new_tokens"), _between(1, None)),
     (("eval", "shots"), _between(0, None)),
-    (("eval", "prompt_style"), _one_of("chat", "plain", "seed")),
+    (("eval", "prompt_style"), _one_of("chat", "plain", "strictbot")),
     (("eval", "dtype"), _one_of("float32", "bfloat16", "float16")),
     (("eval", "repetition_ngram"), _between(1, None)),
     (("eval", "max_repeated_ngrams"), _between(0, 1)),
@@ -580,7 +602,7 @@ def _get(params: Params, path: tuple[str, ...]) -> Any:
     return node
 
 
-def _check_finite(node: Any, path: tuple[str, ...], where: "_Where") -> None:
+def _check_finite(node: Any, path: tuple[str, ...], where: "Where") -> None:
     """NaN or Infinity in any numeric param: a learning rate of nan trains garbage without an error."""
     if isinstance(node, dict):
         for key, value in node.items():
@@ -592,7 +614,7 @@ def _check_finite(node: Any, path: tuple[str, ...], where: "_Where") -> None:
         raise ConfigError(f"{where(path)}: '{'.'.join(path)}' must be a finite number, got {node}")
 
 
-def check_values(params: Params, where: "_Where") -> None:
+def check_values(params: Params, where: "Where") -> None:
     _check_finite(to_dict(params), (), where)
     for path, (ok, must_be) in RULES:
         value = _get(params, path)
@@ -607,7 +629,7 @@ def check_values(params: Params, where: "_Where") -> None:
                 raise ConfigError(f"{where(key_path)}: '{'.'.join(key_path)}' must be {must_be}, got {value!r}")
 
 
-def check_precision(params: Params, where: "_Where") -> None:
+def check_precision(params: Params, where: "Where") -> None:
     """bf16 autocast is the TRL trainers' (`bf16: true` in sft.training, rl.training for grpo,
     rl.draft.training, rl.ppo); reinforce and hybrid are this project's own loops and train in fp32."""
     if params.rl.method in ("reinforce", "hybrid") and params.rl.training.get("bf16"):
@@ -615,7 +637,7 @@ def check_precision(params: Params, where: "_Where") -> None:
                           f"{params.rl.method} (its loop trains in fp32; bf16 autocast runs in sft, grpo, draft and ppo)")
 
 
-def resolve_task_defaults(params: Params, where: "_Where") -> None:
+def resolve_task_defaults(params: Params, where: "Where") -> None:
     """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
     `task` its default per-item pass, empty rl.rewards its default rewards (for PPO its `ppo_rewards`),
     rl.ppo fields left unset its PPO defaults, reward_model.kind `task` its kind (for PPO an LM reward model),
@@ -624,16 +646,16 @@ def resolve_task_defaults(params: Params, where: "_Where") -> None:
     were used."""
     task = TASKS[params.data.task]
     task_cfg = getattr(params.data, params.data.task)
-    prompt_format = getattr(task_cfg, "prompt_format", None)  # chat: the tokenizer's template or the seed's literal
+    prompt_format = getattr(task_cfg, "prompt_format", None)  # chat: the tokenizer's template or StrictBot's literal
     if prompt_format is not None:
-        wanted = {"chat_template": "chat", "seed": "seed"}[prompt_format]
+        wanted = {"chat_template": "chat", "strictbot": "strictbot"}[prompt_format]
         if params.eval.prompt_style not in ("chat", wanted):
             raise ConfigError(f"{where(('eval', 'prompt_style'))}: 'eval.prompt_style' is set by "
                               f"data.{params.data.task}.prompt_format ({prompt_format}) for the {params.data.task} "
                               f"task; leave it at chat, got {params.eval.prompt_style!r}")
         params.eval.prompt_style = wanted
-        if wanted == "seed" and params.eval.system_prompt == "task":
-            params.eval.system_prompt = ""  # the seed's prompt has no system turn: the persona is learnt from the data
+        if wanted == "strictbot" and params.eval.system_prompt == "task":
+            params.eval.system_prompt = ""  # StrictBot's prompt has no system turn: the persona is learnt from the data
     if params.eval.system_prompt == "task":
         params.eval.system_prompt = task_cfg.system_prompt
     if params.promote.metric == "task":
@@ -699,7 +721,7 @@ LIBRARY_SECTIONS = (("reward_model", "training"), ("sft", "lora"), ("sft", "trai
                     ("rl", "training"), ("rl", "ppo"), ("rl", "draft", "training"))
 
 
-def check_library_configs(params: Params, where: "_Where") -> None:
+def check_library_configs(params: Params, where: "Where") -> None:
     """Build each library config from its section: wrong types and values the library refuses fail now,
     with the params line, instead of minutes later inside a stage."""
     import warnings

@@ -37,19 +37,19 @@ class PreallocatedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
-        self.key_buffer = self._empty(key_states)
-        self.value_buffer = self._empty(value_states)
+        self.key_buffer = self.new_buffer(key_states)
+        self.value_buffer = self.new_buffer(value_states)
 
     def start_with(self, keys: torch.Tensor, values: torch.Tensor, rows: int) -> None:
         """Begin every one of `rows` rows with the same cached prefix (keys/values of shape 1, heads, n, dim)."""
         self.lazy_initialization(keys, values)
-        self.key_buffer, self.value_buffer = self._empty(keys, rows), self._empty(values, rows)
+        self.key_buffer, self.value_buffer = self.new_buffer(keys, rows), self.new_buffer(values, rows)
         self.length = keys.shape[-2]
         self.key_buffer[:, :, :self.length] = keys
         self.value_buffer[:, :, :self.length] = values
         self._set_views()
 
-    def _empty(self, states: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    def new_buffer(self, states: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Uninitialised: columns are read only once written (a prompt's padding is written as zeros)."""
         batch, heads, _, dim = states.shape
         return states.new_empty(rows or batch, heads, self.capacity, dim)
@@ -96,8 +96,8 @@ class PreallocatedLayer(DynamicLayer):
         layer.is_initialized, layer.dtype, layer.device = True, first.dtype, first.device
         layer.length = length
         rows = first.key_buffer.shape[0] + second.key_buffer.shape[0]
-        layer.key_buffer = layer._empty(first.key_buffer, rows)
-        layer.value_buffer = layer._empty(first.value_buffer, rows)
+        layer.key_buffer = layer.new_buffer(first.key_buffer, rows)
+        layer.value_buffer = layer.new_buffer(first.value_buffer, rows)
         row = 0
         for part in (first, second):
             n, kept = part.key_buffer.shape[0], min(part.length, length)
@@ -126,7 +126,7 @@ def preallocated_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
-def _leading_padding(attention_mask: torch.LongTensor) -> int:
+def leading_padding(attention_mask: torch.LongTensor) -> int:
     """How many leading columns are padding in every row (they can go: no row attends to them)."""
     return int(attention_mask.any(0).int().argmax())
 
@@ -169,7 +169,7 @@ class DecodeBatch:
     def keep(self, rows: torch.BoolTensor) -> None:
         """Drop the rows that are done, and the leading columns that only they used."""
         self.ids, mask = self.ids[rows], self.attention_mask[rows]
-        drop_left = _leading_padding(mask)
+        drop_left = leading_padding(mask)
         self.attention_mask = mask[:, drop_left:]
         indices = rows.nonzero().flatten()
         for layer in self.cache.layers:
@@ -180,7 +180,7 @@ class DecodeBatch:
         length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
         masks = [torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in (self.attention_mask, other.attention_mask)]
         mask = torch.cat(masks)
-        drop_left = _leading_padding(mask)
+        drop_left = leading_padding(mask)
         self.attention_mask = mask[:, drop_left:]
         self.cache.layers = [PreallocatedLayer.stacked(mine, theirs, drop_left, capacity)
                              for mine, theirs in zip(self.cache.layers, other.cache.layers)]

@@ -23,18 +23,18 @@ def _plain_block(user: str, reference: str | None = None) -> str:
     return text if reference is None else f"{text} {reference}\n\n"
 
 
-SEED_TEMPLATE = "<|user|> {user} <|end|>\n<|assistant|>"  # the StrictBot seed's literal prompt (not a chat template)
+STRICTBOT_TEMPLATE = "<|user|> {user} <|end|>\n<|assistant|>"  # StrictBot notebook: a literal prompt, no chat template
 
 
-def _seed_block(user: str, reference: str | None = None) -> str:
-    text = SEED_TEMPLATE.format(user=user)
+def _strictbot_block(user: str, reference: str | None = None) -> str:
+    text = STRICTBOT_TEMPLATE.format(user=user)
     return text if reference is None else f"{text} {reference} <|end|>\n"
 
 
-def _seed_text(user: str, cfg: EvalConfig, shots: list[tuple[str, str]] | None = None) -> str:
-    """The seed's format; a system prompt, when one is set, goes first in the same style."""
+def _strictbot_text(user: str, cfg: EvalConfig, shots: list[tuple[str, str]] | None = None) -> str:
+    """StrictBot's format; a system prompt, when one is set, goes first in the same style."""
     system = f"<|system|> {cfg.system_prompt} <|end|>\n" if cfg.system_prompt else ""
-    return system + "".join(_seed_block(u, r) for u, r in shots or []) + _seed_block(user)
+    return system + "".join(_strictbot_block(u, r) for u, r in shots or []) + _strictbot_block(user)
 
 
 def prompt_messages(user: str, cfg: EvalConfig, shots: list[tuple[str, str]] | None = None) -> list[dict]:
@@ -53,17 +53,17 @@ def prompt_text(user: str, cfg: EvalConfig, tokenizer, shots: list[tuple[str, st
         )
     if cfg.prompt_style == "plain":
         return "".join(_plain_block(u, r) for u, r in shots or []) + _plain_block(user)
-    if cfg.prompt_style == "seed":
-        return _seed_text(user, cfg, shots)
-    raise ValueError(f"eval.prompt_style must be 'chat', 'plain' or 'seed', got {cfg.prompt_style!r}")
+    if cfg.prompt_style == "strictbot":
+        return _strictbot_text(user, cfg, shots)
+    raise ValueError(f"eval.prompt_style must be 'chat', 'plain' or 'strictbot', got {cfg.prompt_style!r}")
 
 
 def completion_example(user: str, reference: str, cfg: EvalConfig) -> dict:
     """A prompt-completion example for TRL's SFTTrainer; the prompt is masked out of the loss."""
     if cfg.prompt_style == "chat":
         return {"prompt": prompt_messages(user, cfg), "completion": [{"role": "assistant", "content": reference}]}
-    if cfg.prompt_style == "seed":  # the trainer appends EOS, where a reply ends
-        return {"prompt": _seed_text(user, cfg), "completion": " " + reference}
+    if cfg.prompt_style == "strictbot":  # the trainer appends EOS, where a reply ends
+        return {"prompt": _strictbot_text(user, cfg), "completion": " " + reference}
     return {"prompt": _plain_block(user), "completion": " " + reference + "\n"}
 
 
@@ -91,15 +91,26 @@ def rl_prompt(record: dict, cfg: EvalConfig, task=gsm8k) -> dict:
     the reference reply (solution) travel along as columns for the rewards."""
     user, reference = task.prompt_and_reference(record)
     prompt = (prompt_messages(user, cfg) if cfg.prompt_style == "chat" else
-              _seed_text(user, cfg) if cfg.prompt_style == "seed" else _plain_block(user))
+              _strictbot_text(user, cfg) if cfg.prompt_style == "strictbot" else _plain_block(user))
     return {"prompt": prompt, **task.reward_columns(record), "question": user, "solution": reference}
+
+
+# A prompt format is recorded in the protocol under the name its results were first hashed with: a rename of the
+# params value must not change a recorded hash (the gate refuses to pair two hashes). Kept after the old params
+# name is refused.
+PROTOCOL_NAMES = {"strictbot": "seed"}
+
+
+def protocol_name(value: str) -> str:
+    """The name a prompt style or format has in the protocol (and so in its hash)."""
+    return PROTOCOL_NAMES.get(value, value)
 
 
 def protocol(cfg: EvalConfig, task_protocol: dict | None = None) -> dict:
     """What decides a score: the prompt format, decoding, extraction, and what the task adds (its judge,
     thresholds). GSM8K adds nothing, so its hash is the one recorded before tasks existed."""
     return {
-        "prompt_style": cfg.prompt_style,
+        "prompt_style": protocol_name(cfg.prompt_style),
         "shots": cfg.shots,
         "system_prompt": cfg.system_prompt,
         "max_new_tokens": cfg.max_new_tokens,

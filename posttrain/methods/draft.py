@@ -5,12 +5,13 @@ reward is:
   project: soft tokens x policy embeddings -> learned Linear -> the encoder's own embedding block
            (position embeddings + its pretrained LayerNorm, via inputs_embeds) -> layers -> mean pool
            -> head -> sigmoid (a probability in [0, 1]).
-  seed:    the DRaFT trainer this project grew out of: soft tokens x policy embeddings -> learned Linear
-           -> + the encoder's position embeddings -> a NEW trainable LayerNorm -> the encoder layers
-           (the embedding block is bypassed) -> mean pool -> head -> the raw class-1 logit (unbounded;
-           the seed ramps beta to 0.1 over 50 steps). Rows with fewer than 2 response tokens are skipped.
+  draft_notebook: the DRaFT notebook's trainer, which this project grew out of: soft tokens x policy
+           embeddings -> learned Linear -> + the encoder's position embeddings -> a NEW trainable LayerNorm
+           -> the encoder layers (the embedding block is bypassed) -> mean pool -> head -> the raw class-1
+           logit (unbounded; the notebook ramps beta to 0.1 over 50 steps). Rows with fewer than 2 response
+           tokens are skipped.
 Why they differ: the project variant keeps the encoder's input exactly as it was trained (its LayerNorm
-statistics), and a bounded reward cannot be pushed up without limit; the seed lets a fresh LayerNorm
+statistics), and a bounded reward cannot be pushed up without limit; the notebook lets a fresh LayerNorm
 adapt the projected soft tokens to the encoder, and the raw logit keeps a gradient where a sigmoid
 saturates. Both train the new parts with the adapter, checkpoint them and save them beside the model.
 
@@ -113,10 +114,10 @@ class SoftTokenReward(nn.Module):
         return class_one_probability(self.head(hidden, mask))
 
 
-class SeedSoftTokenReward(SoftTokenReward):
-    """The seed's reward path (variant `seed`): + position embeddings -> a new trainable LayerNorm -> the
-    encoder layers, bypassing the embedding block; the reward is the raw class-1 logit. Rows with fewer
-    than 2 response tokens get no reward (their mask is dropped and they are left out of the mean)."""
+class DraftNotebookSoftTokenReward(SoftTokenReward):
+    """The DRaFT notebook's reward path (variant `draft_notebook`): + position embeddings -> a new trainable
+    LayerNorm -> the encoder layers, bypassing the embedding block; the reward is the raw class-1 logit. Rows
+    with fewer than 2 response tokens get no reward (their mask is dropped and they are left out of the mean)."""
 
     min_tokens = 2
 
@@ -142,7 +143,7 @@ class SeedSoftTokenReward(SoftTokenReward):
         return self.head(hidden, mask)[:, -1]  # class 1's logit (a one-logit verifier: its logit)
 
 
-VARIANTS = {"project": SoftTokenReward, "seed": SeedSoftTokenReward}
+VARIANTS = {"project": SoftTokenReward, "draft_notebook": DraftNotebookSoftTokenReward}
 
 
 def load_reward_model(path: str | Path):
@@ -174,7 +175,7 @@ def make_trainer_class():
                                                     num_items_in_batch=num_items_in_batch)
             soft, mask = response_soft_tokens(outputs.logits, labels, self.tau, self.hard, self.reward.max_positions)
             embeddings = self.model.get_input_embeddings().weight
-            scored = mask.sum(-1) >= self.reward.min_tokens  # the seed skips rows with fewer than 2 tokens
+            scored = mask.sum(-1) >= self.reward.min_tokens  # the notebook skips rows with fewer than 2 tokens
             if bool(scored.any()):
                 reward = self.reward(soft[scored], embeddings, mask[scored]).mean()
             else:  # nothing to score in this batch: the LM loss alone

@@ -5,7 +5,7 @@
       hybrid: {mode: alternate, sft_batch_size: 4, cliprange: 0.2, vf_coef: 0.1, kl_coef: 0.05, ...}
       training: {max_steps: 10, num_generations: 4, ...}      # trl.GRPOConfig names: sampling, lr, optim
 
-mode `alternate` (the seed's): every step takes one batch of questions and makes one SFT step on their
+mode `alternate` (the assignment's): every step takes one batch of questions and makes one SFT step on their
 reference worked answers, then one PPO step on completions sampled for the same questions:
   per-token reward  r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)), plus the sequence's score at its last token
   advantages        GAE(gamma, lam) on a value head (TRL's ValueHead over the policy's last hidden state),
@@ -193,7 +193,7 @@ def train(model, tokenizer, prompts, sft_examples, reward_funcs, reward_weights:
     from tqdm.auto import tqdm
 
     from posttrain.training import optim
-    from posttrain.methods.reinforce import Settings, _named_optim, optimizer_and_scheduler, rollout, train_step
+    from posttrain.methods.reinforce import Settings, named_optim, optimizer_and_scheduler, rollout, train_step
 
     print("hybrid: no checkpoints; an interrupted run restarts from step 0")
 
@@ -204,7 +204,7 @@ def train(model, tokenizer, prompts, sft_examples, reward_funcs, reward_weights:
     if value_model is not None:  # the value head trains beside the adapter, in the same optimizer
         model.add_module("posttrain_value_head", value_model)
     try:
-        optimizer, scheduler, trainable = optimizer_and_scheduler(model, args, *_named_optim(rl_cfg))
+        optimizer, scheduler, trainable = optimizer_and_scheduler(model, args, *named_optim(rl_cfg))
     finally:
         if value_model is not None:
             del model._modules["posttrain_value_head"]

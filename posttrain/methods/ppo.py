@@ -9,7 +9,7 @@ trl 1.12.0 is the last release that ships PPO (`trl.experimental.ppo`). The piec
              (LM + linear head, all weights train); kind mlp_head, the same frozen base with a copy of
              the trained MLP head, only the head trains
   reward     the reward model (pairwise: LM + scalar head; mlp_head: frozen base + MLP head, the StrictBot
-             seed's), frozen, plus the rule-based terms of `rl.rewards` (exact_match against the gold
+             notebook's), frozen, plus the rule-based terms of `rl.rewards` (exact_match against the gold
              answer, format, ...) added to its score by RuleAugmentedReward; no terms = the RM alone
 Per token the policy is paid -kl_coef * KL(policy || reference) and the sequence score at its last token
 (PPOConfig.kl_coef, kl_estimator). `rl.ppo` holds PPOConfig fields; `reward_model_path` picks the folder.

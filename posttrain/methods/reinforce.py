@@ -8,10 +8,10 @@ is a PEFT model whose disabled adapter is the frozen reference.
     loss = -mean_i( A_i * sum_t log pi(y_it | x_i, y_i<t) ) + beta * mean_i( KL_i )
     A_i  = (r_i - mean_batch(r)) / (std_batch(r) + eps)
     KL_i = sum_t KL_t (kl_reduction sequence_sum) | mean_t KL_t (token_mean)
-    KL_t = exp(ref - logp) - (ref - logp) - 1   (k3: unbiased, always >= 0) | logp - ref (k1, the seed's)
+    KL_t = exp(ref - logp) - (ref - logp) - 1   (k3: unbiased, always >= 0) | logp - ref (k1, the assignment's)
 
 rl.reinforce sets kl_estimator, kl_reduction and logprob_clamp ([low, high]: both log-probs clamped, the
-seed's [-20, 0]); sampling reads rl.training's temperature, top_p and top_k. One optimizer step covers
+assignment's [-20, 0]); sampling reads rl.training's temperature, top_p and top_k. One optimizer step covers
 gradient_accumulation_steps micro-batches of per_device_train_batch_size prompts: all of them are sampled
 and scored first, advantages are normalised over the whole step's batch, then each micro-batch's share of
 the loss is back-propagated, so k micro-batches give the update of one k-times batch.
@@ -40,7 +40,7 @@ def advantages(rewards: torch.Tensor, group_size: int = 1, eps: float = 1e-6) ->
 
 @dataclass
 class Settings:
-    """rl.reinforce: the estimator choices of seed 002 (defaults: this project's)."""
+    """rl.reinforce: the estimator choices of the assignment (defaults: this project's)."""
 
     kl_estimator: str = "k3"  # k3 | k1
     kl_reduction: str = "sequence_sum"  # sequence_sum | token_mean
@@ -238,7 +238,7 @@ def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     settings = Settings.of(getattr(cfg, "reinforce", None))
-    optimizer, scheduler, trainable = optimizer_and_scheduler(model, args, *_named_optim(cfg))
+    optimizer, scheduler, trainable = optimizer_and_scheduler(model, args, *named_optim(cfg))
     rows = list(range(len(dataset)))
     history: list[dict] = []
     for step in tqdm(range(1, args.max_steps + 1), desc="reinforce", disable=not progress):
@@ -252,7 +252,7 @@ def train(model, tokenizer, dataset, reward_funcs, reward_weights: list[float], 
     return history
 
 
-def _named_optim(cfg) -> tuple[dict, dict]:
+def named_optim(cfg) -> tuple[dict, dict]:
     """rl.optimizer and rl.lr_scheduler as dicts ({} when absent)."""
     import dataclasses
 

@@ -30,7 +30,7 @@ LOG_DIR = Path(".posttrain") / "logs"
 ATTEMPT = "=== posttrain: stage started"  # heads each attempt in a stage's log (Prefect retries append)
 
 # tqdm's counter: "  50%|█████     | 1/2 [00:05<00:05,  5.47s/it]"
-_PROGRESS = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+)")
+PROGRESS = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+)")
 
 
 def verbose() -> bool:
@@ -118,7 +118,7 @@ def stage_line(name: str, status: str, seconds: float, headline: str = "") -> st
 STAGE_LINE = re.compile(r"^(\S+)\s+(ran|reused|FAILED)\s+(\d+)s(?:\s+(.*))?$")
 
 
-class _Live:
+class LiveOutput:
     """The child's output -> its log file (and the console with -v); the last tqdm counter seen -> `progress`."""
 
     def __init__(self, log: Path, echo: bool):
@@ -135,12 +135,12 @@ class _Live:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
                 tail = (tail + chunk.decode("utf-8", "replace"))[-400:]
-                found = _PROGRESS.findall(tail)
+                found = PROGRESS.findall(tail)
                 if found:
                     self.progress = found[-1]
 
 
-def _bar(progress, width: int = 20) -> str:
+def progress_bar(progress, width: int = 20) -> str:
     done, total, elapsed, eta = progress
     done, total = int(done), max(int(total), 1)
     filled = min(width, width * done // total)
@@ -151,7 +151,7 @@ def run_stage_logged(name: str, command: list[str], log: Path, *, cwd, env, show
     """Run a stage's command with its output in `log`; a live line on a terminal while it runs.
 
     `run_child` is lifecycle.run_child (a stop of this process stops the stage too)."""
-    live = _Live(log, echo=verbose())
+    live = LiveOutput(log, echo=verbose())
     tty = show_progress and not verbose() and sys.stdout.isatty()
     started = time.monotonic()
 
@@ -160,7 +160,7 @@ def run_stage_logged(name: str, command: list[str], log: Path, *, cwd, env, show
         reader.start()
         while child.poll() is None:
             if tty:
-                state = _bar(live.progress) if live.progress else "running"
+                state = progress_bar(live.progress) if live.progress else "running"
                 sys.stdout.write(f"\r\x1b[K{name:<13}{time.monotonic() - started:>5.0f}s  {state}")
                 sys.stdout.flush()
             if reader.is_alive():

@@ -46,7 +46,7 @@ def _busy(name: str, root: str) -> lifecycle.WorkspaceBusy:
                                    "(a `dvc repro` or `dvc exp run` by hand?); let it finish first")
 
 
-def _retry_transient_only(task, task_run, state) -> bool:
+def retry_transient_only(task, task_run, state) -> bool:
     """Prefect retry condition: a busy workspace is not transient."""
     try:
         state.result()
@@ -57,7 +57,7 @@ def _retry_transient_only(task, task_run, state) -> bool:
     return False
 
 
-@task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=_retry_transient_only)
+@task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=retry_transient_only)
 def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
     """`dvc repro --single-item <name>`, its output in <log_dir>/<name>.log; prints the stage's one line."""
     dvc = Path(sys.executable).parent / "dvc"

@@ -184,7 +184,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _signal_all(pids: list[int], signum: int) -> None:
+def signal_all(pids: list[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
@@ -193,14 +193,14 @@ def _signal_all(pids: list[int], signum: int) -> None:
 def stop_children(grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM every running stage and what it started, then SIGKILL what is left after `grace` seconds."""
     tree = [pid for child in list(_children) for pid in (child.pid, *descendants(child.pid))]
-    _signal_all(tree, signal.SIGTERM)
+    signal_all(tree, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for child in list(_children):
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
     while time.monotonic() < deadline and any(process_start(pid) for pid in tree):
         time.sleep(0.1)  # the stage (a grandchild) may outlive dvc by the moment it takes to end its run
-    _signal_all([pid for pid in tree if process_start(pid)], signal.SIGKILL)
+    signal_all([pid for pid in tree if process_start(pid)], signal.SIGKILL)
 
 
 def run_child(command: list[str], watch=None, **kwargs) -> int:

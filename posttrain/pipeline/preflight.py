@@ -15,18 +15,21 @@ import re
 import sys
 from pathlib import Path
 
-from posttrain.config.schema import ConfigError, Params, _line_index, _Where, load_params
+from posttrain.config.schema import ConfigError, Params, line_index, Where, load_params
 
 PROFILES_DIR = Path("profiles")
+# Profiles renamed to say which original they follow ("seed" now only means a random seed); the old name
+# still works, with a one-line warning, for one release.
+RENAMED_PROFILES = {"seed002": "assignment_reinforce"}
 PASSED_DIR = Path(".posttrain") / "params-passed"  # one empty file per params text that passed every check
 
 
-def check_registries(params: Params, where: _Where) -> None:
+def check_registries(params: Params, where: Where) -> None:
     """Reward names, weights, options and post-processing (either form of rl.rewards), without loading models."""
     from posttrain.rewards import functions as rewards
 
     spec = params.rl.rewards
-    if isinstance(spec, dict) and not rewards.is_seed_spec(spec):
+    if isinstance(spec, dict) and not rewards.is_typed_spec(spec):
         for name in spec:
             if name not in rewards.FACTORIES:
                 raise ConfigError(f"{where(('rl', 'rewards', name))}: unknown reward 'rl.rewards.{name}'; "
@@ -57,17 +60,17 @@ def validate_file(path: str | Path, label: str | Path | None = None, passed_dir:
     build (its keys are still checked against the libraries' field names); a pass is recorded there.
     """
     label = str(label or path)
-    stamp = _passed_stamp(Path(path), passed_dir) if passed_dir else None
+    stamp = passed_stamp(Path(path), passed_dir) if passed_dir else None
     passed_before = stamp is not None and stamp.exists()
     params = load_params(path, label=label, build_library_configs=not passed_before)
-    check_registries(params, _Where(label, _line_index(Path(path).read_text())))
+    check_registries(params, Where(label, line_index(Path(path).read_text())))
     if stamp is not None and not passed_before:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
     return params
 
 
-def _passed_stamp(path: Path, passed_dir: Path) -> Path:
+def passed_stamp(path: Path, passed_dir: Path) -> Path:
     """A name for what the library-config check's verdict depends on: the params text, the versions of
     torch and the libraries, and the checking code."""
     from importlib.metadata import version
@@ -75,7 +78,7 @@ def _passed_stamp(path: Path, passed_dir: Path) -> Path:
     from posttrain.config import schema as config
 
     digest = hashlib.sha256(path.read_bytes())
-    for name, installed in (config._installed_versions() | {"torch": version("torch")}).items():
+    for name, installed in (config.installed_versions() | {"torch": version("torch")}).items():
         digest.update(f"\n{name}=={installed}".encode())
     digest.update(Path(config.__file__).read_bytes())
     return passed_dir / digest.hexdigest()[:32]
@@ -97,6 +100,10 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     yaml = YAML()
     data = yaml.load(params_path.read_text())
     changes: list[tuple[list[str], object]] = []
+    if profile in RENAMED_PROFILES:
+        print(f"warning: --profile {profile} is deprecated, use --profile {RENAMED_PROFILES[profile]} (the same "
+              "file; the old name will be refused in the next release)", file=sys.stderr)
+        profile = RENAMED_PROFILES[profile]
     if profile:
         profile_path = PROFILES_DIR / f"{profile}.yaml"
         if not profile_path.exists():

@@ -1,4 +1,4 @@
-"""The StrictBot seed's reward model (`reward_model.kind: mlp_head`): a frozen base LM with an MLP head.
+"""The StrictBot notebook's reward model (`reward_model.kind: mlp_head`): a frozen base LM with an MLP head.
 
     score(prompt, reply) = head(h_last),  head = Linear(hidden, 512) -> ReLU -> Dropout(0.1)
                                                  -> Linear(512, 256) -> ReLU -> Dropout(0.1) -> Linear(256, 1)
@@ -27,7 +27,7 @@ from torch import nn
 
 HEAD_FILE = "head.safetensors"
 POINTER_FILE = "mlp_head.json"
-SIZES = (512, 256)  # the seed's hidden -> 512 -> 256 -> 1
+SIZES = (512, 256)  # StrictBot's hidden -> 512 -> 256 -> 1
 
 
 class MLPHead(nn.Sequential):

@@ -42,7 +42,7 @@ def encoder_source(name: str) -> str:
 
 
 def reward_names(rewards) -> set[str]:
-    """The reward names in rl.rewards, in either form: `name -> weight` or the seed's spec
+    """The reward names in rl.rewards, in either form: `name -> weight` or a typed spec
     ({type: weighted_sum, components: [{type: name, ...}]}, inline or a file path)."""
     from posttrain.rewards.functions import load_spec
 
@@ -167,6 +167,45 @@ def sample_replies(base_dir: str | Path, users: list[str], params: Params, batch
     return replies
 
 
+def _mlp_head_pairs(params: Params, task, role: str, train_path, val_path, preferences_path, base_dir, what: str):
+    """The role's training and held-out pairs, their origin, and the pairs whose rejected reply was missing and
+    has been sampled from the base model (seeded)."""
+    has_pairs = preferences_path and Path(preferences_path).exists() and Path(preferences_path).stat().st_size > 0
+    preferences = read_jsonl(preferences_path) if has_pairs else []  # empty: the task has no preference data
+    pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
+    train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
+                                               params.reward_model.n_examples, params.seed)
+    if not train_pairs or not val_pairs:
+        raise ValueError(f"{what}: {len(train_pairs)} training and {len(val_pairs)} held-out pairs; both are needed")
+    to_sample = [p for p in train_pairs + val_pairs if p["rejected"] is None]
+    if to_sample:
+        print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
+        for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
+            pair["rejected"], pair["sampled"] = reply, True
+    return train_pairs, val_pairs, origin, to_sample
+
+
+def shortcut_pairs(pairs: list[dict]) -> list[dict]:
+    """One (reference over shortcut) pair per training pair, the kinds taken in turn."""
+    negatives = shortcuts.one_per_record([(p["user"], p["chosen"]) for p in pairs])
+    return [{"user": p["user"], "chosen": p["chosen"], "rejected": text, "shortcut": kind}
+            for p, (kind, text) in zip(pairs, negatives)]
+
+
+def mlp_head_shortcut_check(model, features, val_pairs: list[dict], val_chosen, limit: float, what: str) -> dict:
+    """Every shortcut kind on every held-out pair: passed = it scores above the pair's reference reply."""
+    import torch
+
+    with torch.no_grad():
+        real = model.score(val_chosen).reshape(-1).tolist()
+        passed = {}
+        for kind in shortcuts.KINDS:
+            fakes = [{"user": p["user"], "rejected": shortcuts.shortcut(kind, p["user"], p["chosen"])} for p in val_pairs]
+            fake = model.score(features(fakes, "rejected")).reshape(-1).tolist()
+            passed[kind] = [f > r for f, r in zip(fake, real)]
+    return shortcuts.check(passed, limit, what)
+
+
 def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_path, base_dir, out_dir,
                    what: str) -> dict:
     """An mlp_head model (reward model or judge, by `role`) on the task's pairs; held-out pairwise accuracy
@@ -179,22 +218,10 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
     from posttrain.evaluation.prompts import prompt_text, reply_text
 
     cfg, task = params.reward_model, registry.get(params.data.task)
-    has_pairs = preferences_path and Path(preferences_path).exists() and Path(preferences_path).stat().st_size > 0
-    preferences = read_jsonl(preferences_path) if has_pairs else []  # empty: the task has no preference data
-    pair_sets = getattr(task, "pair_sets", None) or default_pair_sets(task)
-    train_pairs, val_pairs, origin = pair_sets(role, read_jsonl(train_path), read_jsonl(val_path), preferences,
-                                               cfg.n_examples, params.seed)
-    if not train_pairs or not val_pairs:
-        raise ValueError(f"{what}: {len(train_pairs)} training and {len(val_pairs)} held-out pairs; both are needed")
-    to_sample = [p for p in train_pairs + val_pairs if p["rejected"] is None]
-    if to_sample:
-        print(f"{what}: sampling {len(to_sample)} rejected replies from the base model (seed {params.seed})")
-        for pair, reply in zip(to_sample, sample_replies(base_dir, [p["user"] for p in to_sample], params)):
-            pair["rejected"], pair["sampled"] = reply, True
+    train_pairs, val_pairs, origin, to_sample = _mlp_head_pairs(params, task, role, train_path, val_path,
+                                                                preferences_path, base_dir, what)
     if task.FAILS_DEGENERATE:  # free text: the shortcuts a policy finds, each preferred less than the reference
-        train_pairs = train_pairs + [
-            {"user": p["user"], "chosen": p["chosen"], "rejected": text, "shortcut": kind}
-            for p, (kind, text) in zip(train_pairs, shortcuts.one_per_record([(p["user"], p["chosen"]) for p in train_pairs]))]
+        train_pairs = train_pairs + shortcut_pairs(train_pairs)
     set_seed(params.seed)  # before the head is built: it starts the same every run
     backbone, tokenizer = mlp_head.load_backbone(base_dir)
     model = mlp_head.MLPHeadRewardModel(backbone, cfg.mlp_head.dropout)
@@ -221,14 +248,8 @@ def train_mlp_head(params: Params, role: str, train_path, val_path, preferences_
                   **({"sample_seed": params.seed, "sample_temperature": head.sample_temperature,
                       "sample_max_new_tokens": head.sample_max_new_tokens} if to_sample else {})}
     evaluation |= chance_check(held_out["pairwise_accuracy"], len(val_pairs), what)
-    if task.FAILS_DEGENERATE:  # passed = the shortcut scores above the reference reply on a held-out pair
-        passed = {}
-        for kind in shortcuts.KINDS:
-            fakes = [{"user": p["user"], "rejected": shortcuts.shortcut(kind, p["user"], p["chosen"])} for p in val_pairs]
-            with torch.no_grad():
-                fake_scores, real_scores = model.score(features(fakes, "rejected")), model.score(val_c)
-            passed[kind] = [bool(f > r) for f, r in zip(fake_scores.reshape(-1).tolist(), real_scores.reshape(-1).tolist())]
-        evaluation |= shortcuts.check(passed, cfg.max_shortcut_pass, what)
+    if task.FAILS_DEGENERATE:
+        evaluation |= mlp_head_shortcut_check(model, features, val_pairs, val_c, cfg.max_shortcut_pass, what)
     print(f"{what}: held-out pairwise accuracy {held_out['pairwise_accuracy']:.3f} on {len(val_pairs)} pairs "
           f"(train {seen['pairwise_accuracy']:.3f} on {len(train_pairs)}), pairs from {origin}")
     with atomic_path(out_dir, is_dir=True) as tmp:

@@ -15,7 +15,7 @@ arguments. `rl.rewards` in params.yaml takes one of two forms. A mapping of name
       sentiment: {weight: 0.1, model: /path/to/local/classifier}   # no hub download, ever
     reward_postprocess: {clip: [-1, 2], scale: 1.0, normalize: true, ema_decay: 0.99}   # or an ordered chain
 
-or the seed's spec, inline or as the path of a JSON file, taken as is:
+or a typed spec (the assignment's format), inline or as the path of a JSON file, taken as is:
 
     rewards: {"type": "weighted_sum", "components": [{"type": "bleu", "weight": 1.0,
               "postprocess": [{"type": "clip", "min": 0, "max": 1}]}, ...],
@@ -211,7 +211,7 @@ def cosine_factory(model: str = "minilm", batch_size: int = 32, reference: str =
 
 @register("cosine_sts")
 def cosine_sts_factory(model: str = "minilm", batch_size: int = 32, reference: str = "solution"):
-    """The seed's semantic-similarity reward: 0.5 * (cosine + 1), the cosine mapped onto [0, 1]."""
+    """The assignment's semantic-similarity reward: 0.5 * (cosine + 1), the cosine mapped onto [0, 1]."""
     cosine = cosine_factory(model=model, batch_size=batch_size, reference=reference)
 
     def cosine_sts(completions, **columns) -> list[float]:
@@ -254,7 +254,7 @@ def perplexity_factory(model: str | None = None, output: str = "neg_log_ppl", ma
     """Fluency under a frozen local causal LM (`model: <folder>`, e.g. models/base).
 
     output `neg_log_ppl` (default): -log perplexity = the mean log-probability per completion token, <= 0,
-    higher is more fluent; a usable reward as is. `ppl`: the seed's raw perplexity exp(mean NLL), >= 1,
+    higher is more fluent; a usable reward as is. `ppl`: the assignment's raw perplexity exp(mean NLL), >= 1,
     lower is more fluent, so give it a negative weight (or a `scale` with a negative `mul`).
     The completion is scored after the LM's BOS token (EOS when it has none); an empty completion is
     scored as the EOS token alone (the LM's probability of stopping at once).
@@ -371,7 +371,7 @@ class RunningNorm:
 
 
 class SampleNorm:
-    """Per-sample EMA normalisation (`per: sample`, the seed's): each value in turn updates an exponentially
+    """Per-sample EMA normalisation (`per: sample`, the assignment's): each value in turn updates an exponentially
     weighted mean and variance (starting at 0 and 1) and is normalised with them:
 
         delta = r - mean;  mean += (1 - decay) * delta;  var = decay * (var + (1 - decay) * delta**2)
@@ -456,7 +456,7 @@ def weighted_total(per_reward: list[list[float | None]], weights: list[float]) -
 
 def weighted_sum(components: list[tuple[RewardFn, float]], normalize_weights: bool = False,
                  postprocess: list[dict] | None = None) -> RewardFn:
-    """sum_i w_i * r_i (divided by sum_i w_i when `normalize_weights`, as the seed does), then the chain."""
+    """sum_i w_i * r_i (divided by sum_i w_i when `normalize_weights`, as the assignment does), then the chain."""
     weights = [weight for _, weight in components]
     total = sum(weights)
     if normalize_weights and total == 0:
@@ -485,7 +485,7 @@ def _postprocessed(fn: RewardFn, steps: list[dict], where: str) -> RewardFn:
 # Two forms, both under rl.rewards:
 #   mapping (name -> weight | {weight, ...options}) with rl.reward_postprocess: {clip, scale, normalize,
 #     ema_decay, normalize_weights} (the old global clip -> scale -> normalise) or an ordered chain (a list);
-#   the seed's spec, inline or as the path of a JSON (or YAML) file:
+#   a typed spec (the assignment's format), inline or as the path of a JSON (or YAML) file:
 #     {"type": "weighted_sum", "normalize_weights": true, "postprocess": [...],
 #      "components": [{"type": "bleu", "weight": 0.5, "postprocess": [{"type": "clip", "min": 0, "max": 1}]}, ...]}
 #   A component's other keys are the reward's options; a component may itself be a weighted_sum.
@@ -496,7 +496,7 @@ WEIGHTED_SUM_KEYS = COMPONENT_KEYS | {"components", "normalize_weights"}
 
 
 def load_spec(spec):
-    """rl.rewards as given: a mapping, or a file path whose JSON/YAML content is the seed's spec."""
+    """rl.rewards as given: a mapping, or a file path whose JSON/YAML content is a typed spec."""
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         if not path.is_file():
@@ -519,7 +519,8 @@ def load_spec(spec):
     return spec
 
 
-def is_seed_spec(spec) -> bool:
+def is_typed_spec(spec) -> bool:
+    """A spec whose nodes name their kind (`type`), as opposed to the name -> weight mapping."""
     return isinstance(spec, dict) and "type" in spec
 
 
@@ -610,7 +611,7 @@ def _postprocess_parts(postprocess) -> tuple[bool, list[dict]]:
 def validate(spec, postprocess=None) -> None:
     """Every check `build` makes, without loading a model: what preflight runs before a stage starts."""
     spec = load_spec(spec)
-    if is_seed_spec(spec):
+    if is_typed_spec(spec):
         if postprocess:
             raise ValueError("rl.reward_postprocess: not used with a spec (rl.rewards with `type`): "
                              "put the chain in the spec's `postprocess`")
@@ -640,11 +641,11 @@ def build(spec, postprocess=None) -> tuple[list[RewardFn], list[float]]:
     """Reward functions and their weights for a trainer, from rl.rewards and rl.reward_postprocess.
 
     A mapping without post-processing gives each reward to the trainer with its weight (TRL weighs and
-    logs each); a mapping with post-processing, or a seed spec, gives one combined function of weight 1.
+    logs each); a mapping with post-processing, or a typed spec, gives one combined function of weight 1.
     """
     validate(spec, postprocess)
     spec = load_spec(spec)
-    if is_seed_spec(spec):
+    if is_typed_spec(spec):
         return [_build_node(spec, "rl.rewards")], [1.0]
     components = [(_named(FACTORIES[name](**options), name), weight) for name, weight, options in _parse(spec)]
     if postprocess:
@@ -653,8 +654,8 @@ def build(spec, postprocess=None) -> tuple[list[RewardFn], list[float]]:
     return [fn for fn, _ in components], [weight for _, weight in components]
 
 
-def as_seed_spec(spec: dict, postprocess=None) -> dict:
-    """The mapping form written as the equivalent seed spec (normalize_weights as the mapping has it)."""
+def as_typed_spec(spec: dict, postprocess=None) -> dict:
+    """The mapping form written as the equivalent typed spec (normalize_weights as the mapping has it)."""
     normalize_weights, steps = _postprocess_parts(postprocess or {})
     components = [{"type": name, "weight": weight, **options} for name, weight, options in _parse(spec)]
     return {"type": "weighted_sum", "normalize_weights": normalize_weights, "components": components,

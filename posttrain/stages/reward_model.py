@@ -8,11 +8,11 @@ numbers, not the style. Style: poem (1) against the plain side of the pairs (0).
 
 classifier: an encoder (default all-MiniLM-L6-v2) with a classification head, trained with the HF
             Trainer: one logit and BCE for a GSM8K verifier, two classes and cross-entropy for the style
-            classifier (the seed's). Used by DRaFT and the `verifier` / `style` rewards.
+            classifier (the DRaFT notebook's). Used by DRaFT and the `verifier` / `style` rewards.
 pairwise:   the base LM with a scalar head (AutoModelForSequenceClassification, num_labels=1), trained
             with TRL's RewardTrainer (Bradley-Terry loss) on (prompt, chosen, rejected) pairs in the
             evaluation prompt protocol. It shares the policy's tokenizer, so PPO scores token ids directly.
-mlp_head:   the StrictBot seed's: the frozen base LM with an MLP head (hidden -> 512 -> 256 -> 1) on the last
+mlp_head:   the StrictBot notebook's: the frozen base LM with an MLP head (hidden -> 512 -> 256 -> 1) on the last
             non-padding token, Bradley-Terry on the task's pairs (chat: the reward-model part of the
             preference file; without one, reference output over a base-model sample drawn with the seed
             recorded). Saves the head only (head.safetensors) and a pointer to its base (posttrain/reward_models/mlp_head.py).

@@ -1,7 +1,7 @@
-"""The persona chat task (the StrictBot seed's): SFT on instructions, a reward model on preference pairs, PPO.
+"""The persona chat task (the StrictBot notebook's): SFT on instructions, a reward model on preference pairs, PPO.
 
 Data, in the folder `data.chat.source` (data/chat/README.md is the shipped persona's card):
-  - `data.chat.instructions`: `[{"input": str, "output": str}, ...]` as one JSON list (the seed's), or the
+  - `data.chat.instructions`: `[{"input": str, "output": str}, ...]` as one JSON list (StrictBot's), or the
     same objects as JSON Lines;
   - `data.chat.preferences` (optional, "" = none): JSON Lines `{"prompt": str, "chosen": str, "rejected": str}`.
 Great Expectations checks, each failure at file:line: empty or missing fields, an input (or a preference
@@ -14,7 +14,7 @@ a judge part (`judge_fraction`) the reward model never sees and a reward-model p
 reference output (chosen) over a base-model sample (rejected), on disjoint training records (even index:
 reward model, odd index: judge).
 
-Prompt: the tokenizer's chat template with the persona system prompt, or the seed's literal
+Prompt: the tokenizer's chat template with the persona system prompt, or StrictBot's literal
 `<|user|> {input} <|end|>\n<|assistant|>` (`data.chat.prompt_format`, recorded in the protocol).
 Per held-out item: pass = the judge (an mlp_head reward model trained on the judge part) scores the
 model's greedy reply above the reference output; the margin and the reply length are reported too.
@@ -35,7 +35,7 @@ METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].prim
 SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
 FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
-JUDGE_KIND = "mlp_head"  # the judge stage trains a reward model of the seed's kind on the judge part
+JUDGE_KIND = "mlp_head"  # the judge stage trains a reward model of StrictBot's kind on the judge part
 CLASSIFIER_LABELS = 1
 INSTRUCTION_FIELDS = ("input", "output")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -278,7 +278,7 @@ def preference_pairs(records: list[dict], n: int, seed: int) -> list[tuple[str, 
 
 
 def classifier_examples(records: list[dict], n: int, seed: int) -> list[dict]:
-    raise ValueError("the chat task has no classifier data: use reward_model.kind mlp_head (the seed's) or pairwise")
+    raise ValueError("the chat task has no classifier data: use reward_model.kind mlp_head (StrictBot's) or pairwise")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -341,14 +341,14 @@ def summary(per_item: list[dict]) -> dict:
 
 
 def protocol(params) -> dict:
-    from posttrain.evaluation.prompts import SEED_TEMPLATE
+    from posttrain.evaluation.prompts import STRICTBOT_TEMPLATE, protocol_name
 
     cfg = params.data.chat
     data = (f"the judge part of {cfg.preferences} (judge_fraction {cfg.judge_fraction}, seed {params.seed}), which "
             "the reward model never sees") if cfg.preferences else (
         f"reference outputs over base-model samples of the odd-index training instructions (seed {params.seed})")
-    return {"task": NAME, "prompt_format": cfg.prompt_format,
-            **({"prompt_template": SEED_TEMPLATE} if cfg.prompt_format == "seed" else {}),
+    return {"task": NAME, "prompt_format": protocol_name(cfg.prompt_format),
+            **({"prompt_template": STRICTBOT_TEMPLATE} if cfg.prompt_format == "strictbot" else {}),
             "judge": f"mlp_head reward model (frozen {params.base.source} + MLP 512-256-1, Bradley-Terry) on {data}, "
                      "with shortcut negatives (posttrain/reward_models/shortcuts.py)",
             "pass": "judge score(greedy reply) > judge score(reference output)"}

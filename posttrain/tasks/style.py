@@ -1,7 +1,7 @@
-"""The style task (the DRaFT seed's own): rewrite plain text as a short poem, same meaning.
+"""The style task (the DRaFT notebook's own): rewrite plain text as a short poem, same meaning.
 
 Records, one JSON object per line: `{"meaning": str, "data": [{"poem": str, "normal": str}, ...]}`.
-`data.style.source` is a JSONL file or a folder whose *.jsonl files are all read (the seed combines a
+`data.style.source` is a JSONL file or a folder whose *.jsonl files are all read (the notebook combines a
 3-pair file and a 1-pair file). Split, by record (posttrain/tasks/style.py `split`):
   - 3 or more pairs: the first 2 pairs (and any beyond the 3rd) train, the 3rd validates;
   - exactly 1 pair: a seeded 90/10 shuffle of those records;  exactly 2 pairs: both train.
@@ -31,7 +31,7 @@ METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].prim
 SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
 FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
-CLASSIFIER_LABELS = 2  # the seed's reward model: 2 classes, normal = 0, poem = 1
+CLASSIFIER_LABELS = 2  # the DRaFT notebook's reward model: 2 classes, normal = 0, poem = 1
 CLASS_NAMES = ("normal", "poem")  # label 0 and label 1 of the reward model and the judge
 
 

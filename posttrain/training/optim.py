@@ -8,7 +8,7 @@ A name is looked up where the libraries keep it, in this order; nothing here lis
                   adam_8bit -> Adam8bit, paged_adam_32bit -> PagedAdam32bit, sgd_8bit -> SGD8bit, ...
     schedule   1. a TrainingArguments `lr_scheduler_type` (linear, cosine, cosine_with_min_lr, ...): transformers'
                   get_scheduler with warm-up, total steps and `lr_scheduler_kwargs`
-               2. `none`: the learning rate stays where it is (what the seed means by it)
+               2. `none`: the learning rate stays where it is (what the assignment means by it)
                3. a class of torch.optim.lr_scheduler by its name, 'LR' suffix optional: step -> StepLR,
                   multistep -> MultiStepLR, cosineannealing_warm_restarts -> CosineAnnealingWarmRestarts, ...
 
