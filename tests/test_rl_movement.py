@@ -61,3 +61,10 @@ def test_the_share_of_changed_greedy_replies_is_reported(tmp_path):
     rl = [dict(r, generation=r["generation"] + ("!" if i < 3 else "")) for i, r in enumerate(sft)]
     gain = stage_gain(params.promote, params.seed, (metrics, rl), (metrics, sft))
     assert gain["rl_changed_replies"] == pytest.approx(0.3) and gain["rl_vs_sft_difference"] == 0.0
+
+
+def test_the_rl_stage_line_says_how_far_the_adapter_moved_and_is_loud_when_it_did_not():
+    from posttrain.pipeline.summary import headline
+
+    assert headline({"reward_last": 0.5, "adapter_update_norm": 0.42}) == "reward 0.5, adapter moved ||dW|| 0.42"
+    assert headline({"reward_last": 0.5, "adapter_update_norm": 0.0}).endswith("||dW|| 0 (NOT AT ALL)")

@@ -151,10 +151,12 @@ def headline(values: dict) -> str:
     if accuracies:
         return ", ".join(f"{name} {value:.3f}" for name, value in accuracies.items()) + (
             f" on {int(values['n_questions'])} items" if "n_questions" in values else "")
+    moved = (f", adapter moved ||dW|| {values['adapter_update_norm']:.3g}"
+             + (" (NOT AT ALL)" if values["adapter_update_norm"] == 0 else "")) if "adapter_update_norm" in values else ""
     for key, label in (("reward_last", "reward"), ("val_accuracy", "val accuracy"),
                        ("val_pairwise_accuracy", "val pairwise accuracy"), ("loss_last", "loss")):
         if isinstance(values.get(key), (int, float)):
-            return f"{label} {values[key]:.4g}"
+            return f"{label} {values[key]:.4g}{moved}"
     if "n_train" in values:
         return " / ".join(f"{int(values[k])} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in values)
     if "n_parameters" in values:
