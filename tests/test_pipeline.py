@@ -145,7 +145,7 @@ def test_sliding_window_models_fall_back_to_transformers_generate(capsys):
 def expected_decision(ws: Path):
     """posttrain.release.gate.decide on the paired per-question records of the workspace's eval reports."""
     from posttrain.config.schema import load_params
-    from posttrain.release.gate import decide, pair_records
+    from posttrain.release.gate import decide, harm_reasons, pair_records
 
     params = load_params(ws / "params.yaml")
     cfg = params.promote
@@ -154,7 +154,9 @@ def expected_decision(ws: Path):
     metrics = json.loads((ws / "reports/eval/rl/metrics.json").read_text())
     cand, base = pair_records(reports["rl"], reports["base"], f"correct_{cfg.metric}")
     assert sum(cand) / len(cand) == pytest.approx(metrics[f"accuracy_{cfg.metric}"])
-    return decide(cand, base, cfg.threshold, cfg.min_effect, cfg.confidence, cfg.n_bootstrap, params.seed)
+    # do no harm did not step in: the tiny random models are cut off at the limit on every item, both of them
+    assert harm_reasons(reports["rl"], reports["base"], cfg.confidence, cfg.n_bootstrap, params.seed) == []
+    return decide(cand, base, cfg.threshold, cfg.min_effect, cfg.confidence, cfg.n_bootstrap, params.seed, cfg.metric)
 
 
 @pytest.mark.slow

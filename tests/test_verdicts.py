@@ -129,3 +129,11 @@ def test_chat_defaults_to_the_judge_margin_and_text_tasks_record_the_thresholds_
 
     assert hash_of(style) != hash_of(style, ["eval.max_repeated_ngrams=0.3"])
     assert hash_of(gsm8k) == hash_of(gsm8k, ["eval.max_repeated_ngrams=0.3"]) == "41548d399092d228"
+
+
+def test_a_model_card_longer_than_the_registry_column_is_cut_with_a_pointer():
+    from posttrain.release.registry import DESCRIPTION_LIMIT, card_for_registry
+
+    assert card_for_registry("short") == "short"
+    cut = card_for_registry("x" * 9000)
+    assert len(cut) == DESCRIPTION_LIMIT and cut.endswith("model/MODEL_CARD.md artifact)")

@@ -104,6 +104,16 @@ def model_card(params: Params, candidate_metrics: dict, decision: dict, data_has
     ])
 
 
+DESCRIPTION_LIMIT = 5000  # MLflow's model_versions.description column
+
+
+def card_for_registry(card: str) -> str:
+    if len(card) <= DESCRIPTION_LIMIT:
+        return card
+    note = "\n\n... (cut to fit the registry: the whole card is the run's model/MODEL_CARD.md artifact)"
+    return card[: DESCRIPTION_LIMIT - len(note)] + note
+
+
 def _file_sha(path: Path) -> str:
     import hashlib
 
@@ -276,7 +286,8 @@ def register_candidate(client, params: Params, candidate_dir: Path, candidate_ev
             tags[f"gate.{field}"] = decision[field]
     for tag, value in tags.items():
         client.set_model_version_tag(cfg.registered_model, version, tag, str(value))
-    client.update_model_version(cfg.registered_model, version, description=card)
+    # MLflow stores a description in varchar(5000) on PostgreSQL: the whole card is the run's model/MODEL_CARD.md
+    client.update_model_version(cfg.registered_model, version, description=card_for_registry(card))
     if decision["promote"]:
         client.set_registered_model_alias(cfg.registered_model, CHAMPION, version)
         remember_champion_eval(Path(cache_dir), version, candidate_metrics, candidate_eval)
