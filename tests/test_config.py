@@ -125,6 +125,31 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
     assert "n_questions: 9" in text and "# Every knob" in text  # comments survive
 
 
+@pytest.mark.parametrize("override,old,new", [
+    ("sft.training.max_steps=17", "    max_steps: 16", "    max_steps: 17"),
+    # a quoted value stays quoted in its own style; the comment after it keeps its column
+    ("rl.optimizer.name=adam_8bit", '    name: ""               # bitsandbytes.optim',
+     '    name: "adam_8bit"      # bitsandbytes.optim'),
+])
+def test_an_override_changes_only_its_own_line(tmp_path, monkeypatch, override, old, new):
+    """`posttrain run -S key=value` rewrites one line of params.yaml: long strings are not re-wrapped, quotes
+    not changed, comments kept."""
+    import difflib
+
+    from posttrain.pipeline.preflight import update_params_file
+
+    monkeypatch.chdir(ROOT)
+    target = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    target.write_text(original)
+    update_params_file(target, None, [override])
+    changed = [line for line in difflib.unified_diff(original.splitlines(), target.read_text().splitlines(), n=0,
+                                                     lineterm="") if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 2, "\n".join(changed)
+    assert changed[0].startswith("-" + old) and changed[1].startswith("+" + new), changed
+    assert changed[0].split("#")[1:] == changed[1].split("#")[1:]
+
+
 @pytest.mark.parametrize("override,message", [
     ("promote.min_effect=-0.5", r"params.yaml:\d+: 'promote.min_effect' must be >= 0, got -0.5"),
     ("promote.threshold=1.5", r"'promote.threshold' must be >= 0 and <= 1"),

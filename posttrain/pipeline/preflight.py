@@ -95,6 +95,10 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     if not profile and not overrides:
         return
     yaml = YAML()
+    # Round-trip the file as written: a changed value changes its own line only (no re-wrapped long strings,
+    # no "" turned into '', comments kept).
+    yaml.preserve_quotes = True
+    yaml.width = 1 << 16
     data = yaml.load(params_path.read_text())
     changes: list[tuple[list[str], object]] = []
     if profile:
@@ -118,7 +122,7 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
             if key not in node or node[key] is None:
                 node[key] = {}
             node = node[key]
-        node[keys[-1]] = value
+        node[keys[-1]] = value  # ruamel keeps a replaced string's quote style
     with atomic_path(params_path) as tmp:
         with tmp.open("w") as handle:
             yaml.dump(data, handle)
