@@ -117,7 +117,7 @@ def test_orphaned_runs_of_this_workspace_are_marked_killed(tmp_path, monkeypatch
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    experiment = client.get_experiment_by_name(tracking.experiment_name("gsm8k")).experiment_id
     base_tags = {tracking.WORKSPACE_TAG: str(tmp_path.resolve()), "posttrain.host": lifecycle.identity()["posttrain.host"]}
     dead = client.create_run(experiment, tags=base_tags | {"posttrain.pid": str(gone.pid)}).info.run_id
     alive = client.create_run(experiment, tags=base_tags | lifecycle.identity()).info.run_id

@@ -181,11 +181,11 @@ def cmd_ui(args) -> int:
             raise ConfigError("--auth needs MLFLOW_FLASK_SERVER_SECRET_KEY (a random secret, the same for every "
                               "server process) and MLFLOW_AUTH_CONFIG_PATH (users database, admin account)")
         command += ["--app-name", "basic-auth"]
-    print(f"MLflow server for {uri}; the runs: {_runs_url(args)} (Ctrl-C stops it)", flush=True)
+    print(f"MLflow server for {uri}; the runs: {runs_url(args)} (Ctrl-C stops it)", flush=True)
     return _serve_until_stopped(command, "MLflow server")
 
 
-def _runs_url(args) -> str:
+def runs_url(args) -> str:
     """The address of the experiment's runs table. MLflow 3.17's UI opens on its GenAI view (traces) whatever the
     experiment's kind tag says, unless the address asks for workflowType=machine_learning."""
     url = f"http://{args.host}:{args.port}"

@@ -113,7 +113,8 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
         params = load_params(Path(root) / "params.yaml")
         flat = flatten(to_dict(params))
         with tracking.pipeline_run(root, run_name=run_name or tracking.default_run_name(params, flat),
-                                   tags={"posttrain.params_hash": tracking.params_hash(flat)}) as parent:
+                                   tags={"posttrain.params_hash": tracking.params_hash(flat)},
+                                   task=params.data.task) as parent:
             lifecycle.record_holder(root, parent.info.run_id)
             mlflow.log_artifact(str(Path(root) / "params.yaml"))
             tracking.log_flat_params(flat)
@@ -139,7 +140,8 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
             mlflow.log_dict(result, "summary.json")
             mlflow.set_tag("mlflow.note.content", f"```\n{table}\n```")  # the run's description in the UI
             result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
-                                "experiment_id": parent.info.experiment_id}
+                                "experiment_id": parent.info.experiment_id,
+                                "experiment_name": tracking.experiment_name(params.data.task)}
     return result
 
 

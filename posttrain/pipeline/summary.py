@@ -99,7 +99,8 @@ def render(result: dict) -> str:
     if "mlflow" in result:
         m = result["mlflow"]
         lines.append("")
-        lines.append(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
+        experiment = f"{m['experiment_name']} (id {m['experiment_id']})" if m.get("experiment_name") else m["experiment_id"]
+        lines.append(f"MLflow: run {m['run_id']} in experiment {experiment} at {m['tracking_uri']}")
         lines.append("        open it with: posttrain ui (it prints the address of the runs table)")
     return "\n".join(lines)
 
