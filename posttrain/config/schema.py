@@ -53,7 +53,7 @@ class StyleTaskConfig:
     """Poem-style rewrites: records {meaning, data: [{poem, normal}, ...]} (posttrain/tasks/style.py)."""
 
     source: str = "data/style"  # a JSONL file, or a folder whose *.jsonl files are all read (data/style/README.md)
-    skip_invalid: bool = False  # count and skip records without a meaning or a usable pair instead of failing
+    skip_invalid: bool = False  # count and skip invalid records and unusable pairs instead of failing
     system_prompt: str = STYLE_SYSTEM_PROMPT  # the persona the poem is written under (eval.system_prompt `task`)
     judge_encoder: str = "minilm"  # the held-out style judge's encoder: minilm | tiny | local HF folder
     content_encoder: str = "minilm"  # sentence embeddings for the content check: minilm | local HF folder
