@@ -98,8 +98,11 @@ def test_a_busy_dvc_lock_is_not_retried(tmp_path):
             def result(self):
                 raise self.error
 
-        assert pipeline._retry_transient_only(None, None, State(lifecycle.WorkspaceBusy("busy"))) is False
-        assert pipeline._retry_transient_only(None, None, State(OSError("network"))) is True
+        assert pipeline.retry_transient_only(None, None, State(lifecycle.WorkspaceBusy("busy"))) is False
+        assert pipeline.retry_transient_only(None, None, State(OSError("network"))) is True
+        # a stage that refused its input (params, data, a missing file) fails the same way on every try
+        assert pipeline.retry_transient_only(None, None, State(pipeline.StageInputError("bad data"))) is False
+        assert pipeline.retry_transient_only(None, None, State(pipeline.StageFailed("exit 1"))) is True
     finally:
         holder.kill()
         holder.wait()
@@ -218,6 +221,33 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     assert len(resumed) == 1 and resumed[0].data.tags.get("posttrain.resumed_from_run") == killed_sft
     assert resumed[0].data.tags["posttrain.resumed_from_checkpoint"].startswith("checkpoint-")
     assert runs[killed_sft].data.tags.get("posttrain.resumed_by_run") == resumed[0].info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_that_refuses_its_data_fails_once_not_once_per_retry(tmp_path):
+    """prepare has Prefect retries (its source may be a hub download), but a data error fails the same way every
+    time: one FAILED block, one attempt in its log, exit 1 at once."""
+    from posttrain.pipeline import console
+
+    source = tmp_path / "source"
+    source.mkdir()
+    good = '{"question": "How much is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'
+    (source / "train.jsonl").write_text(good * 3 + '{"question": "How much?", "answer": \n')
+    (source / "test.jsonl").write_text(good)
+    ws = make_workspace(tmp_path / "ws", [f"data.gsm8k.source={source}", "data.max_train=0", "data.max_test=0"])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "posttrain", "-q", "run"], cwd=ws, env=env_for(ws),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = [line for line in done.stdout.splitlines() if console.STAGE_LINE.match(line)]
+    assert len(failed) == 1 and failed[0].startswith("prepare") and " FAILED " in failed[0], done.stdout
+    assert done.stdout.count("train.jsonl:4: malformed JSON") == 1, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'prepare' failed") and "train.jsonl:4: malformed JSON" in last, last
+    logs = list((ws / console.LOG_DIR).glob("*/prepare.log"))
+    assert len(logs) == 1 and logs[0].read_text().count(console.ATTEMPT) == 1
+    assert time.monotonic() - started < 300
 
 
 @pytest.mark.slow

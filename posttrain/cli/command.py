@@ -513,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _record_refusal(err: Exception) -> None:
+    """Under the flow (a stage run by `dvc repro`): say that the stage refused its input, which no retry changes.
+    A registry error may be the network's, so it stays retryable."""
+    from posttrain.pipeline import console
+
+    target = os.environ.get(console.STAGE_REFUSED_ENV)
+    if target and isinstance(err, (ConfigError, DataError, GateRefused, FileNotFoundError)):
+        from posttrain.io import write_json
+
+        write_json(Path(target), {"error": type(err).__name__, "message": str(err)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_env(args)
@@ -521,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, GateRefused, FileNotFoundError, RegistryError, WorkspaceBusy) as err:
         # Known input problems: one line that names what and where, no traceback.
         print(f"error: {err}", file=sys.stderr)
+        _record_refusal(err)
         return 2
     except Stopped as stop:
         print(f"posttrain {args.command}: {stop}; its MLflow runs are marked KILLED", file=sys.stderr)

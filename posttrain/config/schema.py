@@ -101,6 +101,20 @@ class BaseConfig:
     tiny: dict = field(default_factory=dict)  # LlamaConfig fields for source=tiny
 
 
+BUILTIN_BASE_SOURCES = ("smollm2", "tiny")
+
+
+def base_source_is_local(source: str, root: str | Path = ".") -> bool:
+    """Whether base.source names a local folder (relative to the workspace `root`) rather than a built-in name
+    or a hub id: it starts with '/', '.' or '~', has more than one '/' (a hub id is org/name), or its first
+    part is a folder in the workspace (models/mine, not org/name)."""
+    if source in BUILTIN_BASE_SOURCES:
+        return False
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return True
+    return (Path(root) / source).exists() or ("/" in source and (Path(root) / source.split("/", 1)[0]).is_dir())
+
+
 @dataclass
 class MLPHeadConfig:
     """reward_model.kind mlp_head (posttrain/reward_models/mlp_head.py): the head's training on the frozen base's features."""

@@ -5,7 +5,8 @@
 Each Prefect task asks DVC to reproduce one stage (`dvc repro --single-item <stage>`), so DVC's
 lock file decides what is stale and an unchanged stage costs a hash check, and the stage graph has
 one definition only. Stages that touch the network or the registry get Prefect retries; a stage
-that failed because another process holds the workspace, or because the run was stopped, is not retried.
+that failed because another process holds the workspace, because it refused its input (params, data, a
+missing file: the same on every try), or because the run was stopped, is not retried.
 A failed stage stops the flow: later stages and `promote` do not run and the parent MLflow run is FAILED.
 """
 
@@ -34,6 +35,10 @@ class StageFailed(RuntimeError):
     """A stage exited non-zero; its own output (above) says why."""
 
 
+class StageInputError(StageFailed):
+    """A stage refused its input (a ConfigError, DataError or missing file): retrying cannot help."""
+
+
 def _stage_env() -> dict:
     env = dict(os.environ)
     # dvc.yaml's `python -m posttrain` must find this interpreter, whatever PATH the caller had.
@@ -46,18 +51,18 @@ def _busy(name: str, root: str) -> lifecycle.WorkspaceBusy:
                                    "(a `dvc repro` or `dvc exp run` by hand?); let it finish first")
 
 
-def _retry_transient_only(task, task_run, state) -> bool:
-    """Prefect retry condition: a busy workspace is not transient."""
+def retry_transient_only(task, task_run, state) -> bool:
+    """Prefect retry condition: a busy workspace or a refused input is not transient."""
     try:
         state.result()
-    except lifecycle.WorkspaceBusy:
+    except (lifecycle.WorkspaceBusy, StageInputError):
         return False
     except Exception:
         return True
     return False
 
 
-@task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=_retry_transient_only)
+@task(name="dvc-stage", task_run_name="{name}", retry_condition_fn=retry_transient_only)
 def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
     """`dvc repro --single-item <name>`, its output in <log_dir>/<name>.log; prints the stage's one line."""
     dvc = Path(sys.executable).parent / "dvc"
@@ -66,9 +71,10 @@ def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
         raise _busy(name, root)
     logs = Path(log_dir or Path(root) / console.LOG_DIR / "adhoc")
     logs.mkdir(parents=True, exist_ok=True)
-    log, result = logs / f"{name}.log", logs / f"{name}.result.json"
+    log, result, refused = logs / f"{name}.log", logs / f"{name}.result.json", logs / f"{name}.refused.json"
     result.unlink(missing_ok=True)
-    env = _stage_env() | {console.STAGE_RESULT_ENV: str(result)}
+    refused.unlink(missing_ok=True)
+    env = _stage_env() | {console.STAGE_RESULT_ENV: str(result), console.STAGE_REFUSED_ENV: str(refused)}
     started = time.monotonic()
     code = console.run_stage_logged(name, command, log, cwd=root, env=env, run_child=lifecycle.run_child,
                                     show_progress=not os.environ.get("TQDM_DISABLE"))
@@ -79,6 +85,9 @@ def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
         console.say(console.stage_line(name, "FAILED", seconds, f"exit {code}; last lines of {log}:"))
         if not console.verbose():  # with -v the whole log is on the console already
             console.say(console.tail(log))
+        if refused.exists():
+            raise StageInputError(f"stage '{name}' failed (exit {code}): {read_json(refused)['message']}; "
+                                  f"its log: {log}")
         raise StageFailed(f"stage '{name}' failed (exit {code}); its log: {log}")
     ran = result.exists()
     stage = graph.get(name)

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from posttrain.config.schema import ConfigError, Params, _line_index, _Where, load_params
+from posttrain.config.schema import ConfigError, Params, _line_index, _Where, base_source_is_local, load_params
 
 PROFILES_DIR = Path("profiles")
 PASSED_DIR = Path(".posttrain") / "params-passed"  # one empty file per params text that passed every check
@@ -49,8 +49,18 @@ def check_registries(params: Params, where: _Where) -> None:
             raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
 
 
-def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None) -> Params:
-    """Load a params file with every check; errors name `label` (default: the path) and the line.
+def check_paths(params: Params, where: _Where, root: str | Path) -> None:
+    """A local base model folder that is not there: the base stage would fail the same way on every try."""
+    source = params.base.source
+    if base_source_is_local(source, root) and not (Path(root) / Path(source).expanduser()).is_dir():
+        raise ConfigError(f"{where(('base', 'source'))}: 'base.source' names a local folder that does not exist: "
+                          f"'{source}' (a Hugging Face model folder, smollm2, tiny, or a hub id such as org/name)")
+
+
+def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None,
+                  root: str | Path | None = None) -> Params:
+    """Load a params file with every check; errors name `label` (default: the path) and the line. Relative
+    paths in it are the workspace's: `root` (default: the file's folder).
 
     Building the library configs costs about 7 s of imports (transformers, trl, peft). With `passed_dir`,
     a file whose exact text passed before, with the same library versions and checking code, skips that
@@ -60,7 +70,9 @@ def validate_file(path: str | Path, label: str | Path | None = None, passed_dir:
     stamp = _passed_stamp(Path(path), passed_dir) if passed_dir else None
     passed_before = stamp is not None and stamp.exists()
     params = load_params(path, label=label, build_library_configs=not passed_before)
-    check_registries(params, _Where(label, _line_index(Path(path).read_text())))
+    where = _Where(label, _line_index(Path(path).read_text()))
+    check_registries(params, where)
+    check_paths(params, where, Path(path).parent if root is None else root)
     if stamp is not None and not passed_before:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
@@ -127,7 +139,7 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
         with tmp.open("w") as handle:
             yaml.dump(data, handle)
         # Refuse to write a params file that does not validate; errors name the real file, not the temporary one.
-        validate_file(tmp, label=params_path)
+        validate_file(tmp, label=params_path, root=params_path.parent)
     print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
 
 
