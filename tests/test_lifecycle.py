@@ -204,8 +204,13 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     left_by_first = latest_checkpoint()
     proc = _start_run(ws, tmp_path / "second.log")
     _wait_for(checkpoint_after(left_by_first), proc, tmp_path / "second.log")
+    tree = lifecycle.descendants(proc.pid)  # the stage, and the Prefect server the run started in a session of its own
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(lifecycle.process_start(pid) for pid in tree):
+        time.sleep(0.2)
+    assert not [pid for pid in tree if lifecycle.process_start(pid)], "a process outlived the SIGKILLed run"
     killed = [r for r in _runs(ws, earlier) if r.info.status == "RUNNING"]
     assert {r.data.tags.get("posttrain.stage", "pipeline") for r in killed} == {"pipeline", "sft"}
 
@@ -221,6 +226,53 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     assert len(resumed) == 1 and resumed[0].data.tags.get("posttrain.resumed_from_run") == killed_sft
     assert resumed[0].data.tags["posttrain.resumed_from_checkpoint"].startswith("checkpoint-")
     assert runs[killed_sft].data.tags.get("posttrain.resumed_by_run") == resumed[0].info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm-to-the-group"])
+def test_a_stop_prints_three_lines_and_leaves_no_server(workspace_copy, tmp_path, signum):
+    """Ctrl-C reaches the terminal's whole process group, as does a supervisor's SIGTERM to the group: the run
+    says what stopped, which runs are KILLED and how to resume, with no tracebacks from a Prefect server
+    stopped under the flow, and exits within seconds."""
+    import contextlib
+
+    import psutil
+
+    from posttrain.cli.command import update_params_file
+    from posttrain.pipeline import console
+
+    ws = workspace_copy
+    update_params_file(ws / "params.yaml", None, ["sft.training.max_steps=160", "sft.training.save_steps=4"])
+    earlier = {r.info.run_id for r in _runs(ws)}
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run"], cwd=ws, env=env_for(ws), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # the group a terminal would signal
+    _wait_for(lambda: any((ws / "checkpoints/sft").glob("checkpoint-*/trainer_state.json")), proc, log)
+    below = psutil.Process(proc.pid).children(recursive=True)  # the stage, and the Prefect server the run started
+    sent = time.monotonic()
+    os.killpg(proc.pid, signum)
+    try:
+        assert proc.wait(timeout=60) == 128 + signum
+    except BaseException:  # a hung run: take down it and what it started
+        for process in below:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert time.monotonic() - sent < 30
+    text = log.read_text()
+    said = [line for line in text.splitlines() if not line.startswith("stage logs:") and not console.STAGE_LINE.match(line)]
+    assert len(said) <= 3, text[-6000:]
+    assert said[0] == f"posttrain run: stopped by {signal.Signals(signum).name} during stage 'sft'", text[-3000:]
+    assert said[1].startswith("marked KILLED: MLflow run ") and "'sft' stage run" in said[1]
+    assert said[2].startswith("resume with `posttrain run`")
+    statuses = {(r.data.tags.get("posttrain.stage") or "pipeline"): r.info.status for r in _runs(ws, earlier)}
+    assert statuses == {"pipeline": "KILLED", "sft": "KILLED"}, statuses
+    assert said[1].split()[4] == next(r.info.run_id for r in _runs(ws, earlier) if not r.data.tags.get("posttrain.stage"))
+    gone, alive = psutil.wait_procs(below, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
 @pytest.mark.slow

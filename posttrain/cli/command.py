@@ -44,14 +44,18 @@ def _quiet_env(args) -> None:
 
 
 def cmd_run(args) -> int:
-    from posttrain.pipeline.flow import StageFailed, pipeline
-    from posttrain.pipeline.lifecycle import workspace_lock
+    from posttrain.pipeline import prefect_api
+    from posttrain.pipeline.lifecycle import stop_on_signals, workspace_lock
     from posttrain.pipeline.summary import render
 
     wait = None if args.wait is not None and args.wait < 0 else args.wait
     # The lock comes first: a second run must not rewrite params.yaml under a run that is reading it.
-    with workspace_lock(".", wait=wait):
+    with workspace_lock(".", wait=wait), stop_on_signals(forward_to_children=False):
         update_params_file(Path("params.yaml"), args.profile, args.set or [])
+        # A Prefect server that a Ctrl-C to the terminal's process group does not stop (posttrain/pipeline/prefect_api.py)
+        prefect_api.ensure_api(Path(os.environ["PREFECT_HOME"]))
+        from posttrain.pipeline.flow import StageFailed, pipeline
+
         try:
             result = pipeline(root=".", run_name=args.run_name)
         except StageFailed as err:
@@ -59,6 +63,21 @@ def cmd_run(args) -> int:
             return 1
     print(render(result))
     return 0
+
+
+def stop_report(command: str, stop: Stopped) -> str:
+    """What a stopped command prints: what stopped, which MLflow runs are KILLED, how to resume (3 lines at most)."""
+    from posttrain.pipeline.lifecycle import progress
+
+    if command != "run":
+        return f"posttrain {command}: {stop}; its MLflow runs are marked KILLED"
+    done = progress()
+    stage, run_id = done.get("stage"), done.get("run_id")
+    killed = (f"marked KILLED: MLflow run {run_id} (the pipeline)" + (f" and its '{stage}' stage run" if stage else "")
+              if run_id else "no MLflow run was running")
+    return (f"posttrain run: {stop}" + (f" during stage '{stage}'" if stage else "") + f"\n{killed}\n"
+            "resume with `posttrain run`: finished stages are reused, sft and rl (grpo, draft) go on from their last "
+            "checkpoint")
 
 
 def cmd_stage(args) -> int:
@@ -200,36 +219,12 @@ def runs_url(args) -> str:
     return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def _stop_group(proc, grace: float = 10.0) -> None:
-    """SIGTERM a process group (a server and the workers it forked), SIGKILL what is left after `grace` s."""
-    import signal
-    import time
-
-    pgid = proc.pid  # started with start_new_session: its pid is its group's id
-
-    def alive() -> bool:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    if alive():
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so the group can empty
-        time.sleep(0.1)
-    if alive():
-        os.killpg(pgid, signal.SIGKILL)
-
-
 def _serve_until_stopped(command: list[str], what: str) -> int:
     """Run a server in a process group of its own; SIGINT/SIGTERM here stop that whole group (its workers too)."""
     import signal
     import subprocess
 
-    from posttrain.pipeline.lifecycle import Stopped
+    from posttrain.pipeline.lifecycle import Stopped, stop_group
 
     proc = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches us, we stop the group
 
@@ -242,14 +237,14 @@ def _serve_until_stopped(command: list[str], what: str) -> int:
     except Stopped as stop:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
-        _stop_group(proc)
+        stop_group(proc)
         proc.wait()
         print(f"posttrain: {stop}: stopped the {what} (process group {proc.pid}) and its workers", file=sys.stderr)
         return 128 + stop.signum
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-    _stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
+    stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
     return code
 
 
@@ -289,45 +284,23 @@ def _local_prefect_server():
     """A real Prefect server (API + scheduler) on 127.0.0.1, its state in $PREFECT_HOME (the workspace's .prefect/):
     Prefect's temporary server cannot run schedules. A context that yields its API URL and stops it on exit."""
     import contextlib
-    import socket
-    import subprocess
-    import time
 
-    import httpx
+    from posttrain.pipeline import prefect_api
+    from posttrain.pipeline.lifecycle import stop_group
 
     @contextlib.contextmanager
     def server():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         home = Path(os.environ["PREFECT_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        log = home / "server.log"
-        prefect = Path(sys.executable).parent / "prefect"
-        with log.open("w") as handle:
-            proc = subprocess.Popen([str(prefect if prefect.exists() else "prefect"), "server", "start",
-                                     "--host", "127.0.0.1", "--port", str(port)],
-                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/api"
+        proc, url = prefect_api.start_local_server(home, scheduler=True)
         try:
-            deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError(f"could not start a local Prefect server (its log: {log}); start one with "
-                                      "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL="
-                                      "http://127.0.0.1:4200/api")
-                time.sleep(0.5)
             print(f"started a local Prefect server with its scheduler at {url.removesuffix('/api')} (state in {home}, "
-                  f"log {log}); it stops with serve. PREFECT_API_URL picks another server", flush=True)
+                  f"log {home / 'server.log'}); it stops with serve. PREFECT_API_URL picks another server", flush=True)
             _LOCAL_SERVER.append(proc)
             yield url
         finally:
             if proc in _LOCAL_SERVER:
                 _LOCAL_SERVER.remove(proc)
-            _stop_group(proc)
+            stop_group(proc)
 
     return server()
 
@@ -536,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         _record_refusal(err)
         return 2
     except Stopped as stop:
-        print(f"posttrain {args.command}: {stop}; its MLflow runs are marked KILLED", file=sys.stderr)
+        print(stop_report(args.command, stop), file=sys.stderr)
         return 128 + stop.signum
 
 

@@ -76,8 +76,10 @@ def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
     refused.unlink(missing_ok=True)
     env = _stage_env() | {console.STAGE_RESULT_ENV: str(result), console.STAGE_REFUSED_ENV: str(refused)}
     started = time.monotonic()
+    lifecycle.note_progress(stage=name)  # a stop now names this stage
     code = console.run_stage_logged(name, command, log, cwd=root, env=env, run_child=lifecycle.run_child,
                                     show_progress=not os.environ.get("TQDM_DISABLE"))
+    lifecycle.note_progress(stage=None)
     seconds = time.monotonic() - started
     if code != 0:
         if lifecycle.dvc_lock_held(root):
@@ -113,6 +115,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
     from posttrain.pipeline.preflight import update_params_file, validate_workspace
 
     root = str(Path(root).resolve())
+    lifecycle.note_progress(run_id=None, stage=None)
     with lifecycle.workspace_lock(root, wait=wait), lifecycle.stop_on_signals():
         update_params_file(Path(root) / "params.yaml", None, list(overrides or []))
         validate_workspace(root)  # every param, before anything runs
@@ -125,6 +128,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
                                    tags={"posttrain.params_hash": tracking.params_hash(flat)},
                                    task=params.data.task) as parent:
             lifecycle.record_holder(root, parent.info.run_id)
+            lifecycle.note_progress(run_id=parent.info.run_id)
             mlflow.log_artifact(str(Path(root) / "params.yaml"))
             tracking.log_flat_params(flat)
             logs = console.run_log_dir(root, parent.info.run_id)
@@ -151,6 +155,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
             result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
                                 "experiment_id": parent.info.experiment_id,
                                 "experiment_name": tracking.experiment_name(params.data.task)}
+        lifecycle.note_progress(run_id=None)  # ended FINISHED: a later stop has no run to mark
     return result
 
 
