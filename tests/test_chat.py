@@ -94,15 +94,44 @@ def test_preference_errors_name_the_file_and_line(tmp_path, bad, message):
         prepare.run(chat_params(source=str(src)), tmp_path / "out")
 
 
-def test_a_preference_prompt_that_is_an_evaluation_item_is_refused(tmp_path):
-    params = chat_params(source=str(write_source(tmp_path / "probe", [instruction(i) for i in range(10)], [])))
-    _, _, test = chat.split_instructions(chat.read_records(tmp_path / "probe/instructions.json"), 0.1, 0.2, params.seed)
-    leaked = {"prompt": test[0]["input"].upper(), "chosen": "a?", "rejected": "b"}
-    src = write_source(tmp_path / "src", [instruction(i) for i in range(10)], [preference(0), preference(1), leaked])
-    with pytest.raises(DataError, match=rf"{src}/preferences.jsonl:3: failed expect_column_values_to_be_in_set on "
-                                        r"'prompt also an evaluation \(test\) input'"):
-        chat.prepare(dataclasses.replace(params, data=dataclasses.replace(
-            params.data, chat=dataclasses.replace(params.data.chat, source=str(src)))))
+def test_preference_pairs_on_the_instructions_own_prompts_keep_them_out_of_the_test_split(tmp_path, capsys):
+    """The ordinary shape of chat data: pairs collected on the instructions' prompts. Those instructions train or
+    validate, never test; the split is refused only when every instruction has pairs."""
+    def params_for(src):
+        return chat_params(source=str(src))
+
+    instructions = [instruction(i) for i in range(20)]
+    probe = params_for(write_source(tmp_path / "probe", instructions, []))
+    _, _, test_before = chat.split_instructions(chat.read_records(tmp_path / "probe/instructions.json"), 0.1, 0.2,
+                                                probe.seed)
+    # Every preference prompt is an instruction input, among them each one the split would pick for test.
+    paired = sorted({r["input"] for r in test_before} | {instruction(i)["input"] for i in range(6)})
+    pairs = [{"prompt": text.upper(), "chosen": "Think first. What do you get?", "rejected": "It is 4!"}
+             for text in paired]
+    src = write_source(tmp_path / "src", instructions, pairs)
+    splits, report = chat.prepare(params_for(src))
+    tests = {chat.normalised(r["input"]) for r in splits["test"]}
+    assert len(splits["test"]) == len(test_before) == 4 and not tests & {chat.normalised(p) for p in paired}
+    assert len(splits["train"]) + len(splits["val"]) + len(splits["test"]) == 20
+    assert report["preferences"]["success"] and len(splits["preferences"]) == len(pairs)
+    assert report["split"] == {"instructions_with_preference_pairs": len(paired), "test": 4, "test_wanted": 4}
+    # Data without such overlap splits as it always did.
+    unpaired, _ = chat.prepare(params_for(write_source(tmp_path / "unpaired", instructions, [preference(i) for i in
+                                                                                            range(10)])))
+    assert [r["input"] for r in unpaired["test"]] == [r["input"] for r in test_before]
+
+    # One instruction without pairs: the test split shrinks to it, and prepare says so.
+    pairs = [{"prompt": r["input"], "chosen": "Think. Why?", "rejected": "No!"} for r in instructions[1:]]
+    splits, report = chat.prepare(params_for(write_source(tmp_path / "one", instructions, pairs)))
+    assert [r["input"] for r in splits["test"]] == [instructions[0]["input"]]
+    assert "1 test items instead of 4" in capsys.readouterr().out
+
+    # Pairs on every instruction: no split can keep the test unseen.
+    pairs.append({"prompt": instructions[0]["input"], "chosen": "Think. Why?", "rejected": "No!"})
+    src = write_source(tmp_path / "all", instructions, pairs)
+    with pytest.raises(DataError, match=rf"{src}/instructions.json: every one of the 20 instructions has preference "
+                                        r"pairs .* add instructions without preference pairs"):
+        chat.prepare(params_for(src))
 
 
 def test_broken_json_list_and_missing_files_name_the_place(tmp_path):

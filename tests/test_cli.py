@@ -63,3 +63,28 @@ def test_eval_command_on_a_tiny_model(project_copy, tiny_base, prepared, capsys)
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_questions"] == 3 and metrics["protocol"]["prompt_style"] == "plain"
     assert len(records.read_text().splitlines()) == 3
+
+
+def test_a_stopped_run_says_what_stopped_which_runs_are_killed_and_how_to_resume(monkeypatch):
+    import signal
+
+    from posttrain.cli.command import stop_report
+    from posttrain.pipeline import lifecycle
+
+    monkeypatch.setattr(lifecycle, "progress", lambda: {"run_id": "0123abcd", "stage": "sft"})
+    lines = stop_report("run", lifecycle.Stopped(signal.SIGINT)).splitlines()
+    assert lines[:2] == ["posttrain run: stopped by SIGINT during stage 'sft'",
+                         "marked KILLED: MLflow run 0123abcd (the pipeline) and its 'sft' stage run"]
+    assert len(lines) == 3 and lines[2].startswith("resume with `posttrain run`")
+    monkeypatch.setattr(lifecycle, "progress", lambda: {"run_id": None, "stage": None})  # before the MLflow run
+    assert stop_report("run", lifecycle.Stopped(signal.SIGTERM)).splitlines()[:2] == [
+        "posttrain run: stopped by SIGTERM", "no MLflow run was running"]
+
+
+def test_a_configured_prefect_api_is_used_as_is(monkeypatch):
+    """posttrain run starts its own Prefect server only where Prefect would otherwise start its temporary one."""
+    from posttrain.pipeline import prefect_api
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(prefect_api, "start_local_server", lambda *a, **k: pytest.fail("started a server"))
+    assert prefect_api.ensure_api(ROOT / ".prefect") is None

@@ -125,6 +125,31 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
     assert "n_questions: 9" in text and "# Every knob" in text  # comments survive
 
 
+@pytest.mark.parametrize("override,old,new", [
+    ("sft.training.max_steps=17", "    max_steps: 16", "    max_steps: 17"),
+    # a quoted value stays quoted in its own style; the comment after it keeps its column
+    ("rl.optimizer.name=adam_8bit", '    name: ""               # bitsandbytes.optim',
+     '    name: "adam_8bit"      # bitsandbytes.optim'),
+])
+def test_an_override_changes_only_its_own_line(tmp_path, monkeypatch, override, old, new):
+    """`posttrain run -S key=value` rewrites one line of params.yaml: long strings are not re-wrapped, quotes
+    not changed, comments kept."""
+    import difflib
+
+    from posttrain.pipeline.preflight import update_params_file
+
+    monkeypatch.chdir(ROOT)
+    target = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    target.write_text(original)
+    update_params_file(target, None, [override])
+    changed = [line for line in difflib.unified_diff(original.splitlines(), target.read_text().splitlines(), n=0,
+                                                     lineterm="") if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert len(changed) == 2, "\n".join(changed)
+    assert changed[0].startswith("-" + old) and changed[1].startswith("+" + new), changed
+    assert changed[0].split("#")[1:] == changed[1].split("#")[1:]
+
+
 @pytest.mark.parametrize("override,message", [
     ("promote.min_effect=-0.5", r"params.yaml:\d+: 'promote.min_effect' must be >= 0, got -0.5"),
     ("promote.threshold=1.5", r"'promote.threshold' must be >= 0 and <= 1"),
@@ -143,6 +168,9 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
     ("sft.training.optim=adamw_fast", r"'sft.training' refused by SFTConfig: adamw_fast is not a valid OptimizerNames"),
     ("rl.rewards.accuracy=1", r"unknown reward 'rl.rewards.accuracy'; known: "),
     ("sft.training.learnin_rate=1", r"params.yaml:\d+: unknown key 'sft.training.learnin_rate' \(did you mean"),
+    ("base.source=/nonexistent", r"params.yaml:\d+: 'base.source' names a local folder that does not exist: "
+                                 r"'/nonexistent'"),
+    ("base.source=../no/such/model", r"params.yaml:\d+: 'base.source' names a local folder that does not exist"),
 ])
 def test_bad_values_are_refused_up_front_naming_params_yaml_and_line(tmp_path, monkeypatch, override, message):
     """What `posttrain run -S ...` checks before it writes params.yaml or starts anything."""
@@ -160,6 +188,31 @@ def test_bad_values_are_refused_up_front_naming_params_yaml_and_line(tmp_path, m
     assert re.search(message, text), text
     assert text.startswith("params.yaml:") and ".tmp-" not in text and "\n" not in text and "np." not in text
     assert (tmp_path / "params.yaml").read_text() == before
+
+
+def test_base_source_is_checked_up_front_when_it_names_a_local_folder(tmp_path, monkeypatch):
+    """A missing local model folder is refused before anything runs, at base.source's line; a hub id (org/name)
+    or a built-in name is not a path and is left to the base stage."""
+    import shutil
+
+    from posttrain.pipeline.preflight import update_params_file, validate_workspace
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    line = next(i for i, text in enumerate((tmp_path / "params.yaml").read_text().splitlines(), 1)
+                if text.startswith("  source: smollm2"))
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    for ok in ("tiny", "HuggingFaceTB/SmolLM2-135M", "./models/mine", str(tmp_path / "models" / "mine"), "models/mine"):
+        update_params_file(Path("params.yaml"), None, [f"base.source={ok}"])
+    for missing in ("/nonexistent", "./gone", "models/gone", "models/mine/gone"):  # models/ exists: a path, not a hub id
+        with pytest.raises(ConfigError, match=rf"^params.yaml:{line}: 'base.source' names a local folder that does not "
+                                              rf"exist: '{missing}'"):
+            update_params_file(Path("params.yaml"), None, [f"base.source={missing}"])
+    # a params.yaml edited by hand: `posttrain run` checks it before any stage
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("source: models/mine", "source: ../gone", 1))
+    with pytest.raises(ConfigError, match=rf"^params.yaml:{line}: 'base.source' names a local folder"):
+        validate_workspace(tmp_path)
 
 
 def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):

@@ -100,6 +100,9 @@ def test_a_busy_dvc_lock_is_not_retried(tmp_path):
 
         assert pipeline.retry_transient_only(None, None, State(lifecycle.WorkspaceBusy("busy"))) is False
         assert pipeline.retry_transient_only(None, None, State(OSError("network"))) is True
+        # a stage that refused its input (params, data, a missing file) fails the same way on every try
+        assert pipeline.retry_transient_only(None, None, State(pipeline.StageInputError("bad data"))) is False
+        assert pipeline.retry_transient_only(None, None, State(pipeline.StageFailed("exit 1"))) is True
     finally:
         holder.kill()
         holder.wait()
@@ -117,7 +120,7 @@ def test_orphaned_runs_of_this_workspace_are_marked_killed(tmp_path, monkeypatch
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    experiment = client.get_experiment_by_name(tracking.experiment_name("gsm8k")).experiment_id
     base_tags = {tracking.WORKSPACE_TAG: str(tmp_path.resolve()), "posttrain.host": lifecycle.identity()["posttrain.host"]}
     dead = client.create_run(experiment, tags=base_tags | {"posttrain.pid": str(gone.pid)}).info.run_id
     alive = client.create_run(experiment, tags=base_tags | lifecycle.identity()).info.run_id
@@ -201,8 +204,13 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     left_by_first = latest_checkpoint()
     proc = _start_run(ws, tmp_path / "second.log")
     _wait_for(checkpoint_after(left_by_first), proc, tmp_path / "second.log")
+    tree = lifecycle.descendants(proc.pid)  # the stage, and the Prefect server the run started in a session of its own
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(lifecycle.process_start(pid) for pid in tree):
+        time.sleep(0.2)
+    assert not [pid for pid in tree if lifecycle.process_start(pid)], "a process outlived the SIGKILLed run"
     killed = [r for r in _runs(ws, earlier) if r.info.status == "RUNNING"]
     assert {r.data.tags.get("posttrain.stage", "pipeline") for r in killed} == {"pipeline", "sft"}
 
@@ -218,6 +226,80 @@ def test_sigterm_stops_cleanly_and_a_sigkilled_run_leaves_no_zombies(workspace_c
     assert len(resumed) == 1 and resumed[0].data.tags.get("posttrain.resumed_from_run") == killed_sft
     assert resumed[0].data.tags["posttrain.resumed_from_checkpoint"].startswith("checkpoint-")
     assert runs[killed_sft].data.tags.get("posttrain.resumed_by_run") == resumed[0].info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm-to-the-group"])
+def test_a_stop_prints_three_lines_and_leaves_no_server(workspace_copy, tmp_path, signum):
+    """Ctrl-C reaches the terminal's whole process group, as does a supervisor's SIGTERM to the group: the run
+    says what stopped, which runs are KILLED and how to resume, with no tracebacks from a Prefect server
+    stopped under the flow, and exits within seconds."""
+    import contextlib
+
+    import psutil
+
+    from posttrain.cli.command import update_params_file
+    from posttrain.pipeline import console
+
+    ws = workspace_copy
+    update_params_file(ws / "params.yaml", None, ["sft.training.max_steps=160", "sft.training.save_steps=4"])
+    earlier = {r.info.run_id for r in _runs(ws)}
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "run"], cwd=ws, env=env_for(ws), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # the group a terminal would signal
+    _wait_for(lambda: any((ws / "checkpoints/sft").glob("checkpoint-*/trainer_state.json")), proc, log)
+    below = psutil.Process(proc.pid).children(recursive=True)  # the stage, and the Prefect server the run started
+    sent = time.monotonic()
+    os.killpg(proc.pid, signum)
+    try:
+        assert proc.wait(timeout=60) == 128 + signum
+    except BaseException:  # a hung run: take down it and what it started
+        for process in below:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert time.monotonic() - sent < 30
+    text = log.read_text()
+    said = [line for line in text.splitlines() if not line.startswith("stage logs:") and not console.STAGE_LINE.match(line)]
+    assert len(said) <= 3, text[-6000:]
+    assert said[0] == f"posttrain run: stopped by {signal.Signals(signum).name} during stage 'sft'", text[-3000:]
+    assert said[1].startswith("marked KILLED: MLflow run ") and "'sft' stage run" in said[1]
+    assert said[2].startswith("resume with `posttrain run`")
+    statuses = {(r.data.tags.get("posttrain.stage") or "pipeline"): r.info.status for r in _runs(ws, earlier)}
+    assert statuses == {"pipeline": "KILLED", "sft": "KILLED"}, statuses
+    assert said[1].split()[4] == next(r.info.run_id for r in _runs(ws, earlier) if not r.data.tags.get("posttrain.stage"))
+    gone, alive = psutil.wait_procs(below, timeout=15)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_that_refuses_its_data_fails_once_not_once_per_retry(tmp_path):
+    """prepare has Prefect retries (its source may be a hub download), but a data error fails the same way every
+    time: one FAILED block, one attempt in its log, exit 1 at once."""
+    from posttrain.pipeline import console
+
+    source = tmp_path / "source"
+    source.mkdir()
+    good = '{"question": "How much is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'
+    (source / "train.jsonl").write_text(good * 3 + '{"question": "How much?", "answer": \n')
+    (source / "test.jsonl").write_text(good)
+    ws = make_workspace(tmp_path / "ws", [f"data.gsm8k.source={source}", "data.max_train=0", "data.max_test=0"])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "posttrain", "-q", "run"], cwd=ws, env=env_for(ws),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = [line for line in done.stdout.splitlines() if console.STAGE_LINE.match(line)]
+    assert len(failed) == 1 and failed[0].startswith("prepare") and " FAILED " in failed[0], done.stdout
+    assert done.stdout.count("train.jsonl:4: malformed JSON") == 1, done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'prepare' failed") and "train.jsonl:4: malformed JSON" in last, last
+    logs = list((ws / console.LOG_DIR).glob("*/prepare.log"))
+    assert len(logs) == 1 and logs[0].read_text().count(console.ATTEMPT) == 1
+    assert time.monotonic() - started < 300
 
 
 @pytest.mark.slow

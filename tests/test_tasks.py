@@ -91,6 +91,9 @@ def single(i):
     ({"meaning": "m", "data": []}, r"on 'data"),
     ({"meaning": "m"}, r"on 'data"),
     ({"meaning": "m", "data": [{"poem": "p", "normal": "n0a"}]}, r"expect_column_values_to_be_unique on 'normal'"),
+    # usable pairs beside an unusable one: not dropped in silence
+    ({"meaning": "m", "data": [{"poem": "p1", "normal": "n1"}, {"poem": " ", "normal": "n2"}, {"poem": "p3", "normal": "n3"}]},
+     r"expect_column_values_to_be_between on 'data \(a pair with an empty or missing poem or normal\)' \(1 records"),
 ])
 def test_style_schema_errors_name_the_file_and_line(tmp_path, bad, message):
     from posttrain.stages import prepare
@@ -104,12 +107,20 @@ def test_style_schema_errors_name_the_file_and_line(tmp_path, bad, message):
 def test_skip_invalid_counts_and_skips_instead(tmp_path, capsys):
     from posttrain.stages import prepare
 
+    from posttrain.pipeline.summary import headline
+
     src = write_records(tmp_path / "pairs.jsonl", [triple(0), {"meaning": "", "data": []}, triple(1),
-                                                   {"meaning": "m", "data": [{"poem": "p"}]}])
+                                                   {"meaning": "m", "data": [{"poem": "p"}]},
+                                                   {"meaning": "m2", "data": [{"poem": "p", "normal": "n"},
+                                                                              {"poem": "", "normal": "n2"}]}])
     out = prepare.run(style_params(src, skip_invalid=True), tmp_path / "out")
     report = json.loads(out["report"].read_text())
-    assert report["reports"]["skipped_invalid"] == 2 and report["splits"] == {"train": 4, "val": 2, "test": 2}
-    assert "skipped 2 invalid style records" in capsys.readouterr().out
+    assert report["reports"]["skipped_invalid"] == 2 and report["reports"]["skipped_invalid_pairs"] == 1
+    assert report["splits"] == {"train": 5, "val": 2, "test": 2}
+    assert "skipped 2 invalid style records and 1 invalid pair" in capsys.readouterr().out
+    # the stage's console line says so too
+    assert headline(prepare.metrics(tmp_path / "out")) == ("5 train / 2 val / 2 test, skipped 2 invalid records "
+                                                           "and 1 invalid pair")
 
 
 def test_split_two_and_one_per_triple_and_a_seeded_ninety_ten_for_singles(tmp_path):

@@ -36,6 +36,54 @@ def test_the_experiment_is_marked_as_model_training(store):
     assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+def test_each_task_has_its_own_experiment(store, monkeypatch):
+    """Runs of style and chat do not land in the GSM8K experiment; gsm8k keeps `posttrain-gsm8k` (older stores)."""
+    import subprocess
+    import sys
+    from mlflow import MlflowClient
+
+    from posttrain.cli.command import build_parser
+    from posttrain.cli.servers import runs_url
+    from posttrain.pipeline import lifecycle, summary
+
+    client = MlflowClient()
+    (store / "params.yaml").write_text("data:\n  task: style  # the workspace's task\n")
+    assert tracking.experiment_name(root=store) == "posttrain-style"
+    style_id = tracking.setup(store)
+    assert client.get_experiment(style_id).name == "posttrain-style"
+    assert client.get_experiment(tracking.setup(store, task="chat")).name == "posttrain-chat"
+    gsm8k_id = tracking.setup(store, task="gsm8k")
+    assert client.get_experiment(gsm8k_id).name == "posttrain-gsm8k"
+    (store / "params.yaml").unlink()
+    assert tracking.setup(store) == gsm8k_id  # no params.yaml: the default task's experiment
+
+    # A pipeline and its stages land in the task's experiment, and the summary names it.
+    with tracking.pipeline_run(store, run_name="pipeline", task="style") as parent:
+        with tracking.stage_run("prepare", store, task="style") as stage:
+            pass
+    assert {client.get_run(r.info.run_id).info.experiment_id for r in (parent, stage)} == {style_id}
+    shown = summary.render({"mlflow": {"run_id": parent.info.run_id, "experiment_id": style_id,
+                                       "experiment_name": "posttrain-style", "tracking_uri": "sqlite:///x"}})
+    assert "experiment posttrain-style" in shown
+
+    # A run left RUNNING by a dead process under another task (the workspace switched tasks) is still ended.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = client.create_run(style_id, tags={tracking.WORKSPACE_TAG: str(store.resolve()),
+                                               "posttrain.host": lifecycle.identity()["posttrain.host"],
+                                               "posttrain.pid": str(gone.pid)}).info.run_id
+    with tracking.pipeline_run(store, run_name="gsm8k run", task="gsm8k"):
+        pass
+    assert client.get_run(orphan).info.status == "KILLED"
+
+    # `posttrain ui` opens the workspace's task's experiment.
+    (store / "params.yaml").write_text("data:\n  task: chat\n")
+    monkeypatch.chdir(store)
+    chat_id = client.get_experiment_by_name("posttrain-chat").experiment_id
+    args = build_parser().parse_args(["ui", "--port", "5001"])
+    assert f"/#/experiments/{chat_id}/runs" in runs_url(args.host, args.port, args.backend_store_uri)
+
+
 def test_default_run_name_says_task_method_and_params_hash():
     from types import SimpleNamespace
 

@@ -47,14 +47,18 @@ def _quiet_env(args) -> None:
 
 
 def cmd_run(args) -> int:
-    from posttrain.pipeline.flow import StageFailed, pipeline
-    from posttrain.pipeline.lifecycle import workspace_lock
+    from posttrain.pipeline import prefect_api
+    from posttrain.pipeline.lifecycle import stop_on_signals, workspace_lock
     from posttrain.pipeline.summary import render
 
     wait = None if args.wait is not None and args.wait < 0 else args.wait
     # The lock comes first: a second run must not rewrite params.yaml under a run that is reading it.
-    with workspace_lock(".", wait=wait):
+    with workspace_lock(".", wait=wait), stop_on_signals(forward_to_children=False):
         update_params_file(Path("params.yaml"), args.profile, args.set or [])
+        # A Prefect server that a Ctrl-C to the terminal's process group does not stop (posttrain/pipeline/prefect_api.py)
+        prefect_api.ensure_api(Path(os.environ["PREFECT_HOME"]))
+        from posttrain.pipeline.flow import StageFailed, pipeline
+
         try:
             result = pipeline(root=".", run_name=args.run_name)
         except StageFailed as err:
@@ -62,6 +66,21 @@ def cmd_run(args) -> int:
             return 1
     print(render(result))
     return 0
+
+
+def stop_report(command: str, stop: Stopped) -> str:
+    """What a stopped command prints: what stopped, which MLflow runs are KILLED, how to resume (3 lines at most)."""
+    from posttrain.pipeline.lifecycle import progress
+
+    if command != "run":
+        return f"posttrain {command}: {stop}; its MLflow runs are marked KILLED"
+    done = progress()
+    stage, run_id = done.get("stage"), done.get("run_id")
+    killed = (f"marked KILLED: MLflow run {run_id} (the pipeline)" + (f" and its '{stage}' stage run" if stage else "")
+              if run_id else "no MLflow run was running")
+    return (f"posttrain run: {stop}" + (f" during stage '{stage}'" if stage else "") + f"\n{killed}\n"
+            "resume with `posttrain run`: finished stages are reused, sft and rl (grpo, draft) go on from their last "
+            "checkpoint")
 
 
 def cmd_stage(args) -> int:
@@ -352,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _record_refusal(err: Exception) -> None:
+    """Under the flow (a stage run by `dvc repro`): say that the stage refused its input, which no retry changes.
+    A registry error may be the network's, so it stays retryable."""
+    from posttrain.pipeline import console
+
+    target = os.environ.get(console.STAGE_REFUSED_ENV)
+    if target and isinstance(err, (ConfigError, DataError, GateRefused, FileNotFoundError)):
+        from posttrain.io import write_json
+
+        write_json(Path(target), {"error": type(err).__name__, "message": str(err)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_env(args)
@@ -360,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, GateRefused, FileNotFoundError, RegistryError, WorkspaceBusy) as err:
         # Known input problems: one line that names what and where, no traceback.
         print(f"error: {err}", file=sys.stderr)
+        _record_refusal(err)
         return 2
     except Stopped as stop:
-        print(f"posttrain {args.command}: {stop}; its MLflow runs are marked KILLED", file=sys.stderr)
+        print(stop_report(args.command, stop), file=sys.stderr)
         return 128 + stop.signum
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from posttrain.config.schema import ConfigError
-from posttrain.pipeline.lifecycle import Stopped, descendants, process_start, signal_all, stop_on_signals
+from posttrain.pipeline import prefect_api
+from posttrain.pipeline.lifecycle import Stopped, descendants, process_start, signal_all, stop_group, stop_on_signals
 
 # --------------------------------------------------------------------------- the MLflow server (posttrain ui)
 
@@ -58,27 +59,6 @@ def runs_url(host: str, port: int, backend_store_uri: str | None = None) -> str:
 # --------------------------------------------------------------------------- one server in its process group
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM a process group (a server and the workers it forked), SIGKILL what is left after `grace` s."""
-    pgid = proc.pid  # started with start_new_session: its pid is its group's id
-
-    def alive() -> bool:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    if alive():
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so the group can empty
-        time.sleep(0.1)
-    if alive():
-        os.killpg(pgid, signal.SIGKILL)
-
-
 def serve_until_stopped(command: list[str], what: str) -> int:
     """Run a server in a process group of its own; SIGINT/SIGTERM here stop that whole group (its workers too)."""
     proc = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches us, we stop the group
@@ -92,14 +72,14 @@ def serve_until_stopped(command: list[str], what: str) -> int:
     except Stopped as stop:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
-        _stop_group(proc)
+        stop_group(proc)
         proc.wait()
         print(f"posttrain: {stop}: stopped the {what} (process group {proc.pid}) and its workers", file=sys.stderr)
         return 128 + stop.signum
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-    _stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
+    stop_group(proc, grace=2.0)  # the server died on its own: take its orphaned workers along
     return code
 
 
@@ -108,45 +88,14 @@ def serve_until_stopped(command: list[str], what: str) -> int:
 _LOCAL_SERVER: list[subprocess.Popen] = []  # the local Prefect server's process while serve runs
 
 
-def _free_local_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise ConfigError(f"could not start a local Prefect server (its log: {log}); start one with "
-                              "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL="
-                              "http://127.0.0.1:4200/api")
-        time.sleep(0.5)
-
-
 @contextlib.contextmanager
 def local_prefect_server() -> Iterator[str]:
     """A real Prefect server (API + scheduler) on 127.0.0.1, its state in $PREFECT_HOME (the workspace's .prefect/):
     Prefect's temporary server cannot run schedules. Yields its API URL and stops it on exit."""
-    port = _free_local_port()
     home = Path(os.environ["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
+    proc, url = prefect_api.start_local_server(home, scheduler=True)
     log = home / "server.log"
-    prefect = Path(sys.executable).parent / "prefect"
-    with log.open("w") as handle:
-        proc = subprocess.Popen([str(prefect if prefect.exists() else "prefect"), "server", "start",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait_healthy(url, proc, log)
         print(f"started a local Prefect server with its scheduler at {url.removesuffix('/api')} (state in {home}, "
               f"log {log}); it stops with serve. PREFECT_API_URL picks another server", flush=True)
         _LOCAL_SERVER.append(proc)
@@ -154,7 +103,7 @@ def local_prefect_server() -> Iterator[str]:
     finally:
         if proc in _LOCAL_SERVER:
             _LOCAL_SERVER.remove(proc)
-        _stop_group(proc)
+        stop_group(proc)
 
 
 def _server_pids() -> set[int]:

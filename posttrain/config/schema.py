@@ -53,7 +53,7 @@ class StyleTaskConfig:
     """Poem-style rewrites: records {meaning, data: [{poem, normal}, ...]} (posttrain/tasks/style.py)."""
 
     source: str = "data/style"  # a JSONL file, or a folder whose *.jsonl files are all read (data/style/README.md)
-    skip_invalid: bool = False  # count and skip records without a meaning or a usable pair instead of failing
+    skip_invalid: bool = False  # count and skip invalid records and unusable pairs instead of failing
     system_prompt: str = STYLE_SYSTEM_PROMPT  # the persona the poem is written under (eval.system_prompt `task`)
     judge_encoder: str = "minilm"  # the held-out style judge's encoder: minilm | tiny | local HF folder
     content_encoder: str = "minilm"  # sentence embeddings for the content check: minilm | local HF folder
@@ -99,6 +99,20 @@ class DataConfig:
 class BaseConfig:
     source: str = "smollm2"  # smollm2 (PyPI wheel) | tiny (random, from a config) | local HF folder | hub id
     tiny: dict = field(default_factory=dict)  # LlamaConfig fields for source=tiny
+
+
+BUILTIN_BASE_SOURCES = ("smollm2", "tiny")
+
+
+def base_source_is_local(source: str, root: str | Path = ".") -> bool:
+    """Whether base.source names a local folder (relative to the workspace `root`) rather than a built-in name
+    or a hub id: it starts with '/', '.' or '~', has more than one '/' (a hub id is org/name), or its first
+    part is a folder in the workspace (models/mine, not org/name)."""
+    if source in BUILTIN_BASE_SOURCES:
+        return False
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return True
+    return (Path(root) / source).exists() or ("/" in source and (Path(root) / source.split("/", 1)[0]).is_dir())
 
 
 @dataclass

@@ -26,6 +26,8 @@ from pathlib import Path
 VERBOSE_ENV = "POSTTRAIN_VERBOSE"
 # The runner writes the stage's values to this file when the stage actually runs (not when DVC reuses it).
 STAGE_RESULT_ENV = "POSTTRAIN_STAGE_RESULT"
+# A stage that refuses its input (params, data, a missing file) writes why to this file: the flow does not retry it.
+STAGE_REFUSED_ENV = "POSTTRAIN_STAGE_REFUSED"
 LOG_DIR = Path(".posttrain") / "logs"
 ATTEMPT = "=== posttrain: stage started"  # heads each attempt in a stage's log (Prefect retries append)
 

@@ -5,7 +5,8 @@
 Each Prefect task asks DVC to reproduce one stage (`dvc repro --single-item <stage>`), so DVC's
 lock file decides what is stale and an unchanged stage costs a hash check, and the stage graph has
 one definition only. Stages that touch the network or the registry get Prefect retries; a stage
-that failed because another process holds the workspace, or because the run was stopped, is not retried.
+that failed because another process holds the workspace, because it refused its input (params, data, a
+missing file: the same on every try), or because the run was stopped, is not retried.
 A failed stage stops the flow: later stages and `promote` do not run and the parent MLflow run is FAILED.
 """
 
@@ -34,6 +35,10 @@ class StageFailed(RuntimeError):
     """A stage exited non-zero; its own output (above) says why."""
 
 
+class StageInputError(StageFailed):
+    """A stage refused its input (a ConfigError, DataError or missing file): retrying cannot help."""
+
+
 def _stage_env() -> dict:
     env = dict(os.environ)
     # dvc.yaml's `python -m posttrain` must find this interpreter, whatever PATH the caller had.
@@ -47,10 +52,10 @@ def _busy(name: str, root: str) -> lifecycle.WorkspaceBusy:
 
 
 def retry_transient_only(task, task_run, state) -> bool:
-    """Prefect retry condition: a busy workspace is not transient."""
+    """Prefect retry condition: a busy workspace or a refused input is not transient."""
     try:
         state.result()
-    except lifecycle.WorkspaceBusy:
+    except (lifecycle.WorkspaceBusy, StageInputError):
         return False
     except Exception:
         return True
@@ -66,12 +71,15 @@ def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
         raise _busy(name, root)
     logs = Path(log_dir or Path(root) / console.LOG_DIR / "adhoc")
     logs.mkdir(parents=True, exist_ok=True)
-    log, result = logs / f"{name}.log", logs / f"{name}.result.json"
+    log, result, refused = logs / f"{name}.log", logs / f"{name}.result.json", logs / f"{name}.refused.json"
     result.unlink(missing_ok=True)
-    env = _stage_env() | {console.STAGE_RESULT_ENV: str(result)}
+    refused.unlink(missing_ok=True)
+    env = _stage_env() | {console.STAGE_RESULT_ENV: str(result), console.STAGE_REFUSED_ENV: str(refused)}
     started = time.monotonic()
+    lifecycle.note_progress(stage=name)  # a stop now names this stage
     code = console.run_stage_logged(name, command, log, cwd=root, env=env, run_child=lifecycle.run_child,
                                     show_progress=not os.environ.get("TQDM_DISABLE"))
+    lifecycle.note_progress(stage=None)
     seconds = time.monotonic() - started
     if code != 0:
         if lifecycle.dvc_lock_held(root):
@@ -79,6 +87,9 @@ def run_stage(name: str, root: str, log_dir: str | None = None) -> dict:
         console.say(console.stage_line(name, "FAILED", seconds, f"exit {code}; last lines of {log}:"))
         if not console.verbose():  # with -v the whole log is on the console already
             console.say(console.tail(log))
+        if refused.exists():
+            raise StageInputError(f"stage '{name}' failed (exit {code}): {read_json(refused)['message']}; "
+                                  f"its log: {log}")
         raise StageFailed(f"stage '{name}' failed (exit {code}); its log: {log}")
     ran = result.exists()
     stage = graph.get(name)
@@ -104,6 +115,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
     from posttrain.pipeline.preflight import update_params_file, validate_workspace
 
     root = str(Path(root).resolve())
+    lifecycle.note_progress(run_id=None, stage=None)
     with lifecycle.workspace_lock(root, wait=wait), lifecycle.stop_on_signals():
         update_params_file(Path(root) / "params.yaml", None, list(overrides or []))
         validate_workspace(root)  # every param, before anything runs
@@ -113,8 +125,10 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
         params = load_params(Path(root) / "params.yaml")
         flat = flatten(to_dict(params))
         with tracking.pipeline_run(root, run_name=run_name or tracking.default_run_name(params, flat),
-                                   tags={"posttrain.params_hash": tracking.params_hash(flat)}) as parent:
+                                   tags={"posttrain.params_hash": tracking.params_hash(flat)},
+                                   task=params.data.task) as parent:
             lifecycle.record_holder(root, parent.info.run_id)
+            lifecycle.note_progress(run_id=parent.info.run_id)
             mlflow.log_artifact(str(Path(root) / "params.yaml"))
             tracking.log_flat_params(flat)
             logs = console.run_log_dir(root, parent.info.run_id)
@@ -139,7 +153,9 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
             mlflow.log_dict(result, "summary.json")
             mlflow.set_tag("mlflow.note.content", f"```\n{table}\n```")  # the run's description in the UI
             result["mlflow"] = {"run_id": parent.info.run_id, "tracking_uri": tracking.tracking_uri(root),
-                                "experiment_id": parent.info.experiment_id}
+                                "experiment_id": parent.info.experiment_id,
+                                "experiment_name": tracking.experiment_name(params.data.task)}
+        lifecycle.note_progress(run_id=None)  # ended FINISHED: a later stop has no run to mark
     return result
 
 

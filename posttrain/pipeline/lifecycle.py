@@ -203,6 +203,28 @@ def stop_children(grace: float = STOP_GRACE_SECONDS) -> None:
     signal_all([pid for pid in tree if process_start(pid)], signal.SIGKILL)
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a process group (a server started with start_new_session, and the workers it forked), SIGKILL
+    what is left after `grace` seconds."""
+    pgid = proc.pid  # started with start_new_session: its pid is its group's id
+
+    def alive() -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    if alive():
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so the group can empty
+        time.sleep(0.1)
+    if alive():
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def run_child(command: list[str], watch=None, **kwargs) -> int:
     """Run a command (a stage) and return its exit code; a stop of this process stops it too.
 
@@ -215,6 +237,18 @@ def run_child(command: list[str], watch=None, **kwargs) -> int:
         return child.wait()
     finally:
         _children.remove(child)
+
+
+_progress: dict[str, str | None] = {}  # what a stop report names: the parent MLflow run, the running stage
+
+
+def note_progress(**items: str | None) -> None:
+    """Record how far the run got (run_id=<parent MLflow run>, stage=<running stage or None>) for the stop report."""
+    _progress.update(items)
+
+
+def progress() -> dict[str, str | None]:
+    return dict(_progress)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from posttrain.config.schema import ConfigError, Params, line_index, Where, load_params
+from posttrain.config.schema import ConfigError, Params, Where, base_source_is_local, line_index, load_params
 
 PROFILES_DIR = Path("profiles")
 # Profiles renamed to say which original they follow ("seed" now only means a random seed); the old name
@@ -52,8 +52,18 @@ def check_registries(params: Params, where: Where) -> None:
             raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
 
 
-def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None) -> Params:
-    """Load a params file with every check; errors name `label` (default: the path) and the line.
+def check_paths(params: Params, where: _Where, root: str | Path) -> None:
+    """A local base model folder that is not there: the base stage would fail the same way on every try."""
+    source = params.base.source
+    if base_source_is_local(source, root) and not (Path(root) / Path(source).expanduser()).is_dir():
+        raise ConfigError(f"{where(('base', 'source'))}: 'base.source' names a local folder that does not exist: "
+                          f"'{source}' (a Hugging Face model folder, smollm2, tiny, or a hub id such as org/name)")
+
+
+def validate_file(path: str | Path, label: str | Path | None = None, passed_dir: Path | None = None,
+                  root: str | Path | None = None) -> Params:
+    """Load a params file with every check; errors name `label` (default: the path) and the line. Relative
+    paths in it are the workspace's: `root` (default: the file's folder).
 
     Building the library configs costs about 7 s of imports (transformers, trl, peft). With `passed_dir`,
     a file whose exact text passed before, with the same library versions and checking code, skips that
@@ -63,7 +73,9 @@ def validate_file(path: str | Path, label: str | Path | None = None, passed_dir:
     stamp = passed_stamp(Path(path), passed_dir) if passed_dir else None
     passed_before = stamp is not None and stamp.exists()
     params = load_params(path, label=label, build_library_configs=not passed_before)
-    check_registries(params, Where(label, line_index(Path(path).read_text())))
+    where = Where(label, line_index(Path(path).read_text()))
+    check_registries(params, where)
+    check_paths(params, where, Path(path).parent if root is None else root)
     if stamp is not None and not passed_before:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
@@ -98,6 +110,10 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     if not profile and not overrides:
         return
     yaml = YAML()
+    # Round-trip the file as written: a changed value changes its own line only (no re-wrapped long strings,
+    # no "" turned into '', comments kept).
+    yaml.preserve_quotes = True
+    yaml.width = 1 << 16
     data = yaml.load(params_path.read_text())
     changes: list[tuple[list[str], object]] = []
     if profile in RENAMED_PROFILES:
@@ -125,12 +141,12 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
             if key not in node or node[key] is None:
                 node[key] = {}
             node = node[key]
-        node[keys[-1]] = value
+        node[keys[-1]] = value  # ruamel keeps a replaced string's quote style
     with atomic_path(params_path) as tmp:
         with tmp.open("w") as handle:
             yaml.dump(data, handle)
         # Refuse to write a params file that does not validate; errors name the real file, not the temporary one.
-        validate_file(tmp, label=params_path)
+        validate_file(tmp, label=params_path, root=params_path.parent)
     print(f"params.yaml updated ({len(changes)} values{' from profile ' + profile if profile else ''})")
 
 

@@ -78,7 +78,7 @@ def run_stage(name: str, module: ModuleType, params_path: str | Path = "params.y
         print(f"stage {stage.name}: rank {dist.process_index}/{dist.num_processes} done; rank 0 writes the outputs")
         dist.wait_for_everyone()
         return {}
-    with tracking.stage_run(stage.name, root):
+    with tracking.stage_run(stage.name, root, task=params.data.task):
         tracking.log_flat_params(_section_params(to_dict(params), stage.params))
         if dist is not None:
             mlflow.set_tag("posttrain.world_size", dist.num_processes)

@@ -121,7 +121,8 @@ def render(result: dict) -> str:
     if "mlflow" in result:
         m = result["mlflow"]
         lines.append("")
-        lines.append(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
+        experiment = f"{m['experiment_name']} (id {m['experiment_id']})" if m.get("experiment_name") else m["experiment_id"]
+        lines.append(f"MLflow: run {m['run_id']} in experiment {experiment} at {m['tracking_uri']}")
         lines.append("        open it with: posttrain ui (it prints the address of the runs table)")
     return "\n".join(lines)
 
@@ -158,7 +159,10 @@ def headline(values: dict) -> str:
         if isinstance(values.get(key), (int, float)):
             return f"{label} {values[key]:.4g}{moved}"
     if "n_train" in values:
-        return " / ".join(f"{int(values[k])} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in values)
+        skipped = [f"{int(values[key])} invalid {what}{'s' * (int(values[key]) != 1)}"
+                   for key, what in (("skipped_invalid", "record"), ("skipped_invalid_pairs", "pair")) if values.get(key)]
+        return " / ".join(f"{int(values[k])} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in values) + (
+            f", skipped {' and '.join(skipped)}" if skipped else "")
     if "n_parameters" in values:
         return f"{values['n_parameters'] / 1e6:.1f}M parameters"
     return ""

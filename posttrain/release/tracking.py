@@ -20,7 +20,10 @@ EXPERIMENT_ENV = "POSTTRAIN_EXPERIMENT"
 # Where a NEW experiment keeps its artifacts, e.g. s3://bucket/mlflow (with MLFLOW_S3_ENDPOINT_URL and
 # AWS_* credentials for an S3-compatible store). An existing experiment keeps the location it was created with.
 ARTIFACTS_ENV = "POSTTRAIN_ARTIFACT_LOCATION"
-DEFAULT_EXPERIMENT = "posttrain-gsm8k"
+# One experiment per task, `posttrain-<data.task>` (gsm8k's is the name every run had before, so older stores
+# keep their history in it); POSTTRAIN_EXPERIMENT names another.
+EXPERIMENT_PREFIX = "posttrain-"
+DEFAULT_TASK = "gsm8k"
 # MLflow 3's UI opens a GenAI experiment on its Traces overview; a "Machine learning" one on its runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
@@ -34,14 +37,31 @@ def tracking_uri(root: str | Path = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow' / 'mlflow.db'}"
 
 
-def setup(root: str | Path = ".") -> str:
-    """Point MLflow at the configured store and return the experiment id (created if new)."""
+def workspace_task(root: str | Path = ".") -> str:
+    """data.task of root's params.yaml (the default task where there is none)."""
+    import yaml
+
+    try:
+        data = (yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return DEFAULT_TASK
+    return str(data.get("task") or DEFAULT_TASK)
+
+
+def experiment_name(task: str | None = None, root: str | Path = ".") -> str:
+    """The experiment a run of `task` (default: the workspace's) goes to: POSTTRAIN_EXPERIMENT or posttrain-<task>."""
+    return os.environ.get(EXPERIMENT_ENV) or f"{EXPERIMENT_PREFIX}{task or workspace_task(root)}"
+
+
+def setup(root: str | Path = ".", task: str | None = None) -> str:
+    """Point MLflow at the configured store and return the id of the task's experiment (created if new);
+    `task` defaults to data.task of root's params.yaml."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    name = experiment_name(task, root)
     experiment = mlflow.get_experiment_by_name(name)
     wanted = os.environ.get(ARTIFACTS_ENV, "").rstrip("/") or None
     if experiment is None:
@@ -95,8 +115,8 @@ def _active_run(**start_kwargs) -> Iterator:
 
 
 @contextlib.contextmanager
-def stage_run(stage_name: str, root: str | Path = ".") -> Iterator:
-    setup(root)
+def stage_run(stage_name: str, root: str | Path = ".", task: str | None = None) -> Iterator:
+    setup(root, task)
     parent = os.environ.get(PARENT_ENV)
     with _active_run(run_name=stage_name, parent_run_id=parent or None, nested=bool(parent),
                      tags={"posttrain.stage": stage_name, **_run_tags(root)}) as run:
@@ -114,11 +134,12 @@ def end_orphaned_runs(root: str | Path = ".") -> list[str]:
     from posttrain.pipeline.lifecycle import is_alive
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
-    if experiment is None:
+    # Every experiment: a workspace that switched tasks may have left a run in another task's experiment.
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
         return []
     workspace = str(Path(root).resolve()).replace("'", "\\'")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000,
+    runs = client.search_runs(experiments, max_results=1000,
                               filter_string=f"attributes.status = 'RUNNING' and tags.`{WORKSPACE_TAG}` = '{workspace}'")
     ended = []
     for run in runs:
@@ -130,9 +151,10 @@ def end_orphaned_runs(root: str | Path = ".") -> list[str]:
 
 
 @contextlib.contextmanager
-def pipeline_run(root: str | Path = ".", run_name: str | None = None, tags: dict | None = None) -> Iterator:
-    """The parent run; exports its id so stage subprocesses nest under it."""
-    setup(root)
+def pipeline_run(root: str | Path = ".", run_name: str | None = None, tags: dict | None = None,
+                 task: str | None = None) -> Iterator:
+    """The parent run, in the task's experiment; exports its id so stage subprocesses nest under it."""
+    setup(root, task)
     for run_id in end_orphaned_runs(root):
         console.say(f"marked MLflow run {run_id} KILLED: the process that ran it is gone")
     with _active_run(run_name=run_name, tags={"posttrain.pipeline": "true", **_run_tags(root), **(tags or {})}) as run:

@@ -34,4 +34,6 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     from posttrain.io import read_json
 
     report = read_json(Path(out_dir) / "validation.json")
-    return {f"n_{name}": float(n) for name, n in report["splits"].items()}
+    skipped = {key: float(report["reports"][key]) for key in ("skipped_invalid", "skipped_invalid_pairs")
+               if isinstance(report["reports"], dict) and report["reports"].get(key)}  # data.style.skip_invalid
+    return {f"n_{name}": float(n) for name, n in report["splits"].items()} | skipped

@@ -8,7 +8,8 @@ Great Expectations checks, each failure at file:line: empty or missing fields, a
 prompt) twice (compared case- and space-insensitively), chosen == rejected, and a preference prompt that
 is also an evaluation item (it would teach the reward model and the judge the test).
 
-Split, seeded: instructions -> train / val / test (`val_fraction`, `test_fraction`); preference pairs ->
+Split, seeded: instructions -> train / val / test (`val_fraction`, `test_fraction`), an instruction whose
+input has preference pairs never in test (refused only when every instruction has them); preference pairs ->
 a judge part (`judge_fraction`) the reward model never sees and a reward-model part, each holding out
 `pair_val_fraction` of its pairs for its pairwise accuracy. Without a preference file both models learn
 reference output (chosen) over a base-model sample (rejected), on disjoint training records (even index:
@@ -185,17 +186,31 @@ def _shuffled(n: int, seed: int) -> list[int]:
     return order
 
 
-def split_instructions(records: Records, val_fraction: float, test_fraction: float, seed: int):
-    """(train, val, test), seeded; each at least one record, each record keeping its file:line."""
+def split_instructions(records: Records, val_fraction: float, test_fraction: float, seed: int,
+                       keep_out_of_test: set[str] = frozenset()):
+    """(train, val, test), seeded; each at least one record, each record keeping its file:line.
+
+    Instructions whose input (normalised) is in `keep_out_of_test` (the preference prompts) never land in
+    test: the reward model and the judge learn from those pairs, so an evaluation item among them would be
+    seen in training. The test items are the first eligible ones of the seeded order, so data without such
+    overlap splits exactly as it always did; with fewer eligible instructions than the test share, the test
+    split is smaller. None eligible: refused, with how to fix it."""
     n = len(records)
     n_test, n_val = max(1, round(n * test_fraction)), max(1, round(n * val_fraction))
     if n_test + n_val >= n:
         raise DataError(f"{records.path}: {n} instructions are too few for a train, val and test split "
                         f"(test {n_test}, val {n_val})")
     order = _shuffled(n, seed)
+    eligible = [i for i in order if normalised(records[i]["input"]) not in keep_out_of_test]
+    if not eligible:
+        raise DataError(f"{records.path}: every one of the {n} instructions has preference pairs on its input, so "
+                        "none can be an evaluation item the reward model and the judge never saw; add instructions "
+                        "without preference pairs (or remove some pairs from the preference file)")
+    test_set = set(eligible[:n_test])
+    rest = [i for i in order if i not in test_set]
     pick = lambda indices: [{"input": records[i]["input"].strip(), "output": records[i]["output"].strip(),  # noqa: E731
                              "source": where(records, i)} for i in sorted(indices)]
-    return pick(order[n_test + n_val:]), pick(order[n_test:n_test + n_val]), pick(order[:n_test])
+    return pick(rest[n_val:]), pick(rest[:n_val]), pick(test_set)
 
 
 def split_preferences(records: Records, judge_fraction: float, pair_val_fraction: float, seed: int) -> list[dict]:
@@ -217,11 +232,21 @@ def prepare(params) -> tuple[dict[str, list[dict]], dict]:
     instructions_path, preferences_path = source_files(cfg)
     instructions = read_records(instructions_path)
     report = {"instructions": validate_instructions(instructions)}
-    train, val, test = split_instructions(instructions, cfg.val_fraction, cfg.test_fraction, params.seed)
+    preferences = read_records(preferences_path) if preferences_path is not None else None
+    # Preference pairs are usually collected on the instructions' own prompts: those instructions train or
+    # validate, never test (their pairs teach the reward model and the judge).
+    paired = {normalised(r["prompt"]) for r in preferences or [] if isinstance(r.get("prompt"), str)}
+    train, val, test = split_instructions(instructions, cfg.val_fraction, cfg.test_fraction, params.seed, paired)
+    inputs = {normalised(r["input"]) for r in instructions}
+    report["split"] = {"instructions_with_preference_pairs": len(inputs & paired), "test": len(test),
+                       "test_wanted": max(1, round(len(instructions) * cfg.test_fraction))}
+    if report["split"]["test"] < report["split"]["test_wanted"]:
+        print(f"prepare: {len(test)} test items instead of {report['split']['test_wanted']}: "
+              f"{report['split']['instructions_with_preference_pairs']} of {len(instructions)} instructions have "
+              "preference pairs and stay out of the test split")
     splits = {"train": train[: data.max_train] if data.max_train else train, "val": val,
               "test": test[: data.max_test] if data.max_test else test}
-    if preferences_path is not None:
-        preferences = read_records(preferences_path)
+    if preferences is not None:
         report["preferences"] = validate_preferences(preferences, {normalised(r["input"]) for r in test})
         splits["preferences"] = split_preferences(preferences, cfg.judge_fraction, cfg.pair_val_fraction, params.seed)
         for part in ("reward_model", "judge"):

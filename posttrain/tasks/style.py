@@ -6,8 +6,9 @@ Records, one JSON object per line: `{"meaning": str, "data": [{"poem": str, "nor
   - 3 or more pairs: the first 2 pairs (and any beyond the 3rd) train, the 3rd validates;
   - exactly 1 pair: a seeded 90/10 shuffle of those records;  exactly 2 pairs: both train.
 The held-out pairs are also the test items (there is no separate test file).
-A record with an empty meaning or no usable pair (both texts non-empty strings) is a data error at
-file:line, or, with `data.style.skip_invalid`, counted and skipped.
+A record with an empty meaning, no usable pair (both texts non-empty strings) or an unusable pair beside
+usable ones is a data error at file:line; with `data.style.skip_invalid`, such records and pairs are counted
+(prepare report, its console line) and skipped.
 
 SFT: user = `normal`, assistant = `poem`, under the persona system prompt `data.style.system_prompt`;
 as in the seed, the user message is the plain text itself, with no "rewrite as a poem" instruction.
@@ -65,25 +66,30 @@ def validate(files: list[Records], skip_invalid: bool) -> tuple[list[tuple[Recor
 
     from posttrain.tasks.validation import run_suite
 
-    reports, kept, skipped = [], [], 0
+    reports, kept, skipped, skipped_pairs = [], [], 0, 0
     for records in files:
         label = str(records.path)
+        pairs = [r["data"] if isinstance(r.get("data"), list) else [] for r in records]
         frame = pd.DataFrame({
             "meaning": [r.get("meaning") if isinstance(r.get("meaning"), str) else None for r in records],
-            "usable_pairs": [sum(_usable(p) for p in r["data"]) if isinstance(r.get("data"), list) else 0
-                             for r in records],
+            "usable_pairs": [sum(_usable(p) for p in data) for data in pairs],
+            "unusable_pairs": [sum(not _usable(p) for p in data) for data in pairs],
             "line": list(records.line_numbers),
         })
         frame["meaning"] = frame["meaning"].fillna("")
         good = frame["meaning"].str.strip().ne("") & frame["usable_pairs"].ge(1)
         if skip_invalid:
             skipped += int((~good).sum())
+            skipped_pairs += int(frame["unusable_pairs"][good].sum())
         else:
+            # An unusable pair beside usable ones would otherwise vanish from the data without a word.
             reports.append(run_suite(frame, "style", label, [
                 gxe.ExpectColumnValuesToMatchRegex(column="meaning", regex=r"\S"),
                 gxe.ExpectColumnValuesToBeBetween(column="usable_pairs", min_value=1),
+                gxe.ExpectColumnValuesToBeBetween(column="unusable_pairs", max_value=0),
             ], describe=lambda column: {"meaning": "meaning (empty)", "usable_pairs":
-                                        "data (no pair with a non-empty poem and normal)"}.get(column, column)))
+                                        "data (no pair with a non-empty poem and normal)", "unusable_pairs":
+                                        "data (a pair with an empty or missing poem or normal)"}.get(column, column)))
         kept += [(records, i) for i in range(len(records)) if bool(good.iloc[i])]
     pairs = pd.DataFrame([{"normal": p["normal"].strip(), "line": int(recs.line_numbers[i]), "file": str(recs.path)}
                           for recs, i in kept for p in recs[i]["data"] if _usable(p)])
@@ -95,9 +101,10 @@ def validate(files: list[Records], skip_invalid: bool) -> tuple[list[tuple[Recor
                             f"'normal' ({len(duplicated)} pairs repeat a normal text seen before, e.g. "
                             f"{first['normal'][:60]!r})")
     report = {"files": [str(r.path) for r in files], "records": sum(len(r) for r in files), "kept": len(kept),
-              "skipped_invalid": skipped, "suites": reports}
-    if skipped:
-        print(f"prepare: skipped {skipped} invalid style records (data.style.skip_invalid: true)")
+              "skipped_invalid": skipped, "skipped_invalid_pairs": skipped_pairs, "suites": reports}
+    if skipped or skipped_pairs:
+        print(f"prepare: skipped {skipped} invalid style records and {skipped_pairs} invalid "
+              f"pair{'s' * (skipped_pairs != 1)} in the records kept (data.style.skip_invalid: true)")
     return kept, report
 
 

@@ -98,8 +98,9 @@ def load_source(source: str, tiny: dict, seed: int):
         model.hf_quantizer = None
         model.is_quantized = False
         return model, tokenizer
-    path = Path(source)
-    if source.startswith((".", "/")) and not path.exists():
+    from posttrain.config.schema import base_source_is_local
+
+    if base_source_is_local(source) and not Path(source).expanduser().is_dir():
         raise FileNotFoundError(f"base.source: model folder '{source}' not found")
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
