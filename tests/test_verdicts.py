@@ -110,7 +110,11 @@ def test_summary_says_whether_rl_helped_over_sft_and_show_prints_replies_with_ve
     assert gain["rl_vs_sft_ci_low"] > 0 and gain["rl_vs_sft_test"] == "Wilcoxon signed-rank"
     write_json(tmp_path / "reports/promotion.json", {"promote": False, "reason": "r", "baseline": "base model",
                                                      "metric": "judge_margin", **gain})
-    text = render(collect(tmp_path))
+    result = collect(tmp_path)
+    text = render(result)
+    from posttrain.pipeline.summary import numeric
+
+    assert numeric(result)["rl_vs_sft_difference"] == pytest.approx(2.0)  # logged on the parent run by the flow
     assert "RL vs SFT: judge_margin +2.000" in text and "RL helped" in text and "40 of replies" not in text
     shown = show(tmp_path, 2)
     assert "[1/40]" in shown and "[2/40]" in shown and "[3/40]" not in shown

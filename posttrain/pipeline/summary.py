@@ -66,10 +66,14 @@ def numeric(result: dict) -> dict[str, float]:
     values = {}
     for model, metrics in result.get("models", {}).items():
         for key in metrics:
-            if key.startswith("accuracy_") and metrics.get(key) is not None:
+            if (key.startswith("accuracy_") or key in WELL_FORMED or key in EXTRAS) and metrics.get(key) is not None:
                 values[f"{model}_{key}"] = float(metrics[key])
     if "gate" in result:
         values["promoted"] = float(result["gate"]["decision"] == "promoted")
+        # what RL added over SFT, on the parent run too (the same numbers as the summary's `RL vs SFT` line)
+        values |= {key: float(value) for key, value in result["gate"].items()
+                   if key.startswith("rl_") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    values |= {f"rl_{key}": float(value) for key, value in (result.get("rl_moved") or {}).items()}
     return values
 
 
