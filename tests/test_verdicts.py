@@ -141,3 +141,24 @@ def test_a_model_card_longer_than_the_registry_column_is_cut_with_a_pointer():
     assert card_for_registry("short") == "short"
     cut = card_for_registry("x" * 9000)
     assert len(cut) == DESCRIPTION_LIMIT and cut.endswith("model/MODEL_CARD.md artifact)")
+
+
+def test_eval_records_are_logged_as_an_mlflow_table_with_the_replies_and_verdicts(tmp_path, monkeypatch):
+    import mlflow
+
+    from posttrain.pipeline.runner import log_records_table
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    records = chat_records([-1.0, 2.0])
+    records[0] |= {"generation": LOOP, "loops": True, "nested": {"a": 1}}
+    write_jsonl(tmp_path / "records.jsonl", records)
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log_records_table(tmp_path / "records.jsonl", "eval_rl/replies.json")
+        logged = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/eval_rl/replies.json")
+    finally:
+        mlflow.set_tracking_uri(None)
+    rows = [dict(zip(logged["columns"], row)) for row in logged["data"]]  # MLflow's table format
+    assert [r["generation"] for r in rows] == [LOOP, "g"] and [r["loops"] for r in rows] == [True, False]
+    assert rows[0]["nested"] == '{"a": 1}'  # nested values shown as their JSON text
