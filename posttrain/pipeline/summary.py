@@ -57,7 +57,7 @@ def collect(root: str | Path = ".") -> dict:
             "ci_low": data.get("ci_low"), "ci_high": data.get("ci_high"), "mcnemar_p": data.get("mcnemar_p"),
             "metric": data.get("metric"), "test": data.get("test"), "p_value": data.get("p_value"),
             "confidence": data.get("confidence", 0.95),
-            **{k: v for k, v in data.items() if k.startswith("rl_vs_sft_")},
+            **{k: v for k, v in data.items() if k.startswith("rl_")},  # rl_vs_sft_*, rl_changed_replies
         }
     return out
 
