@@ -17,6 +17,7 @@ The thresholds are params (eval.*), recorded in those tasks' protocol hash.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 
@@ -48,13 +49,18 @@ def repeated_ngrams(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def copy_overlap(reply: str, source: str) -> float:
-    """ROUGE-L F1 of the reply against the input (rouge-score's own tokenizer and LCS)."""
+@functools.cache
+def rouge_l():
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"])  # built once: the evaluator calls it for every item
+
+
+def copy_overlap(reply: str, source: str) -> float:
+    """ROUGE-L F1 of the reply against the input (rouge-score's own tokenizer and LCS)."""
     if not reply.strip() or not source.strip():
         return 0.0
-    return rouge_scorer.RougeScorer(["rougeL"]).score(source, reply)["rougeL"].fmeasure
+    return rouge_l().score(source, reply)["rougeL"].fmeasure
 
 
 def item_checks(reply: str, source: str, reference: str | None, ended: bool, thresholds: Thresholds) -> dict:

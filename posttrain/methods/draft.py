@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from posttrain.reward_models.training import class_one_probability
+
 PROJECTION_FILE = "draft_projection.safetensors"
 
 
@@ -71,11 +73,6 @@ def response_soft_tokens(logits: torch.Tensor, labels: torch.Tensor, tau: float,
         soft[row, :n] = F.gumbel_softmax(picked.float(), tau=tau, hard=hard, dim=-1).to(soft.dtype)
         mask[row, :n] = 1
     return soft, mask
-
-
-def class_one_probability(logits: torch.Tensor) -> torch.Tensor:
-    """A one-logit verifier's sigmoid, or a two-class classifier's P(class 1)."""
-    return torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, 1]
 
 
 class SoftTokenReward(nn.Module):

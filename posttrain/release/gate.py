@@ -239,10 +239,11 @@ def harm_reasons(candidate_records: list[dict], baseline_records: list[dict], co
         return []
     reasons = []
     for flag, what in HARM_FLAGS.items():
-        as_flag = (lambda r: not r["ended"]) if flag == "truncated" else (lambda r, f=flag: bool(r[f]))
-        by_question = {r["question"]: as_flag(r) for r in baseline_records}
-        values_c = [as_flag(r) for r in candidate_records]
-        values_b = [by_question[r["question"]] for r in candidate_records]
+        if flag == "truncated":  # recorded as its opposite, `ended`
+            ended_c, ended_b = pair_records(candidate_records, baseline_records, "ended")
+            values_c, values_b = [not e for e in ended_c], [not e for e in ended_b]
+        else:
+            values_c, values_b = pair_records(candidate_records, baseline_records, flag)
         reason = harm(values_c, values_b, what, confidence, n_bootstrap, seed)
         if reason:
             reasons.append(reason)

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from posttrain.config.schema import Params, to_dict
-from posttrain.release.gate import GateRefused, harm_reasons, paired_decision, record_key, summary_key
+from posttrain.release.gate import (GateRefused, harm_reasons, pair_records, paired_decision, record_key,
+                                    summary_key)
 from posttrain.io import DataError, atomic_path, read_json, read_jsonl
 from posttrain.release.tracking import PARENT_ENV, RegistryError
 
@@ -230,9 +231,9 @@ def stage_gain(cfg, seed: int, candidate: tuple[dict, list[dict]], before: tuple
                                  cfg.n_bootstrap, seed)
     except GateRefused as refused:
         return {"rl_vs_sft_refused": str(refused)}
-    before_by_question = {r["question"]: r.get("generation") for r in before[1]}
-    changed = sum(r.get("generation") != before_by_question[r["question"]] for r in candidate[1])
-    return {"rl_changed_replies": changed / len(candidate[1]), "rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
+    replies, replies_before = pair_records(candidate[1], before[1], "generation", str)
+    changed = sum(reply != earlier for reply, earlier in zip(replies, replies_before))
+    return {"rl_changed_replies": changed / len(replies), "rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
             "rl_vs_sft_ci_high": paired["ci_high"], "rl_vs_sft_p_value": paired["p_value"],
             "rl_vs_sft_test": paired["test"]}
 

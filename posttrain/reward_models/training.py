@@ -391,21 +391,26 @@ def train_classifier(params: Params, train_records: list[dict], val_records: lis
     return _save_outputs(model, tokenizer, trainer, evaluation, out_dir, checkpoint_dir)
 
 
+def class_one_probability(logits):
+    """A one-logit verifier's sigmoid, or a two-class classifier's P(class 1) (torch logits, rows x labels)."""
+    import torch
+
+    return torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, 1]
+
+
 def classifier_shortcut_check(trainer, tokenize, val_records: list[dict], task, params: Params, what: str) -> dict:
     """Every shortcut kind of every held-out record, scored: passed = P(class 1) at or above the task's judge
     threshold (style: data.style.judge_threshold)."""
     import numpy as np
+    import torch
     from datasets import Dataset
 
     threshold = getattr(getattr(params.data, task.NAME), "judge_threshold", 0.5)
     items = [(kind, shortcuts.shortcut(kind, *task.prompt_and_reference(r)))
              for r in val_records for kind in shortcuts.KINDS]
-    logits = np.asarray(trainer.predict(Dataset.from_list([{"text": text} for _, text in items])
-                                        .map(tokenize, batched=True, batch_size=None)).predictions)
-    if logits.ndim == 2 and logits.shape[1] == 2:
-        p_one = np.exp(logits[:, 1]) / np.exp(logits).sum(axis=1)
-    else:
-        p_one = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+    logits = trainer.predict(Dataset.from_list([{"text": text} for _, text in items])
+                             .map(tokenize, batched=True, batch_size=None)).predictions
+    p_one = class_one_probability(torch.as_tensor(np.asarray(logits).reshape(len(items), -1))).tolist()
     passed = {kind: [bool(p >= threshold) for (k, _), p in zip(items, p_one) if k == kind] for kind in shortcuts.KINDS}
     return shortcuts.check(passed, params.reward_model.max_shortcut_pass, what)
 
