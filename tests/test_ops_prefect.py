@@ -65,7 +65,18 @@ def run_and_wait(api: str, deployment_id: str, timeout: float, proc, log) -> dic
     """Create one flow run of the deployment now and wait for a final state."""
     import httpx
 
-    flow_run = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=10).json()
+    # The SQLite-backed server can answer a write with an error while its scheduler holds the database
+    # (CI once got a body with no run id back, under load): try again for a while, and show what it said.
+    answers = []
+    for _ in range(30):
+        response = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=10)
+        if response.is_success:
+            break
+        answers.append(f"{response.status_code} {response.text[:300]}")
+        time.sleep(2)
+    else:
+        pytest.fail(f"the server never created a run of {deployment_id}: {answers[-3:]}\n{tail(log)}")
+    flow_run = response.json()
     final = {}
 
     def finished():

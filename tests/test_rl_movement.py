@@ -68,3 +68,20 @@ def test_the_rl_stage_line_says_how_far_the_adapter_moved_and_is_loud_when_it_di
 
     assert headline({"reward_last": 0.5, "adapter_update_norm": 0.42}) == "reward 0.5, adapter moved ||dW|| 0.42"
     assert headline({"reward_last": 0.5, "adapter_update_norm": 0.0}).endswith("||dW|| 0 (NOT AT ALL)")
+
+
+def test_reports_without_replies_still_get_the_rl_gain_and_its_card_line():
+    """Eval reports that carry scores but not the replies (an older eval, imported scores; .ci/gate_check.py
+    writes these) get the paired gain without the changed-reply share, and nothing downstream trips on it."""
+    from posttrain.config.schema import load_params
+    from posttrain.release.registry import stage_gain, stage_gain_line
+    from pathlib import Path
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", overrides=["data.task=style"])
+    metrics = {"protocol_hash": "p", "question_set_hash": "q", "accuracy_pass": 0.5}
+    sft = [{"question": f"q{i}", "correct_pass": i % 2 == 0} for i in range(10)]
+    rl = [dict(r, correct_pass=True) for r in sft]
+    gain = stage_gain(params.promote, params.seed, (metrics, rl), (metrics, sft))
+    assert "rl_changed_replies" not in gain and gain["rl_vs_sft_difference"] == pytest.approx(0.5)
+    line = stage_gain_line(gain | {"metric": params.promote.metric})
+    assert line.startswith(params.promote.metric) and "changed" not in line

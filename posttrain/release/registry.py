@@ -77,8 +77,9 @@ def well_formed_line(metrics: dict) -> str:
 
 
 def stage_gain_line(decision: dict) -> str:
-    return (f"{decision['rl_changed_replies']:.0%} of greedy replies changed; "
-            f"{decision['metric']} {decision['rl_vs_sft_difference']:+.3f}, {decision.get('confidence', 0.95):.0%} "
+    changed = decision.get("rl_changed_replies")
+    return ((f"{changed:.0%} of greedy replies changed; " if changed is not None else "")
+            + f"{decision['metric']} {decision['rl_vs_sft_difference']:+.3f}, {decision.get('confidence', 0.95):.0%} "
             f"paired interval [{decision['rl_vs_sft_ci_low']:+.3f}, {decision['rl_vs_sft_ci_high']:+.3f}], "
             f"{decision['rl_vs_sft_test']} p={decision['rl_vs_sft_p_value']:.3g}")
 
@@ -231,11 +232,14 @@ def stage_gain(cfg, seed: int, candidate: tuple[dict, list[dict]], before: tuple
                                  cfg.n_bootstrap, seed)
     except GateRefused as refused:
         return {"rl_vs_sft_refused": str(refused)}
-    replies, replies_before = pair_records(candidate[1], before[1], "generation", str)
-    changed = sum(reply != earlier for reply, earlier in zip(replies, replies_before))
-    return {"rl_changed_replies": changed / len(replies), "rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
+    gain = {"rl_vs_sft_difference": paired["difference"], "rl_vs_sft_ci_low": paired["ci_low"],
             "rl_vs_sft_ci_high": paired["ci_high"], "rl_vs_sft_p_value": paired["p_value"],
             "rl_vs_sft_test": paired["test"]}
+    # Reports written without the replies (an older eval, or scores imported from elsewhere) still get the gain.
+    if all("generation" in record for record in (*candidate[1], *before[1])):
+        replies, replies_before = pair_records(candidate[1], before[1], "generation", str)
+        gain["rl_changed_replies"] = sum(r != earlier for r, earlier in zip(replies, replies_before)) / len(replies)
+    return gain
 
 
 def register_candidate(client, params: Params, candidate_dir: Path, candidate_eval: Path, candidate_metrics: dict,
