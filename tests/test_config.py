@@ -126,7 +126,7 @@ def test_cli_update_refuses_invalid_values_and_keeps_file(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("override,old,new", [
-    ("sft.training.max_steps=17", "    max_steps: 16", "    max_steps: 17"),
+    ("sft.training.max_steps=17", "    max_steps: task          # task:", "    max_steps: 17            # task:"),
     # a quoted value stays quoted in its own style; the comment after it keeps its column
     ("rl.optimizer.name=adam_8bit", '    name: ""               # bitsandbytes.optim',
      '    name: "adam_8bit"      # bitsandbytes.optim'),
@@ -275,3 +275,14 @@ def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_pa
     preflight.passed_stamp(tmp_path / "params.yaml", tmp_path / preflight.PASSED_DIR).touch()
     with pytest.raises(ConfigError, match="unknown key 'sft.training.learnin_rate'"):
         preflight.validate_workspace(tmp_path)
+
+
+@pytest.mark.parametrize("task,steps", [("gsm8k", 16), ("style", 64), ("chat", 16)])
+def test_sft_max_steps_task_is_the_tasks_quick_budget_and_a_number_wins(task, steps):
+    """params.yaml's sft.training.max_steps `task`: style's quick SFT is longer (at 16 steps its replies loop to
+    the token limit); a number given with -S is used as is."""
+    from posttrain.config.schema import load_params
+
+    assert load_params(ROOT / "params.yaml", overrides=[f"data.task={task}"]).sft.training["max_steps"] == steps
+    chosen = load_params(ROOT / "params.yaml", overrides=[f"data.task={task}", "sft.training.max_steps=5"])
+    assert chosen.sft.training["max_steps"] == 5

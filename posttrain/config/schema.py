@@ -168,6 +168,7 @@ class TaskDefaults:
     ppo_reward_model_kind: str = "pairwise"  # ... when rl.method is ppo (it scores the policy's own token ids)
     scores: tuple[str, ...] = ()  # per-item numbers (record fields) promote.metric may name instead of a pass
     text: bool = False  # free text: a reply that did not end, loops or copies its input fails (eval.max_*)
+    sft_max_steps: int = 16  # sft.training.max_steps `task`: the quick SFT budget whose replies end by themselves
 
 
 PROJECT_PPO_DEFAULTS = {"kl_coef": 0.05, "response_length": 64, "temperature": 0.8}
@@ -177,7 +178,8 @@ TASKS = {  # posttrain/tasks/registry.py holds the modules (a test checks they a
     # soft overlong punishment) and loops (repeated n-grams): trl.rewards' helpers, posttrain/rewards/functions.py
     "style": TaskDefaults(("pass", "style", "content"), "pass", {"style": 1.0, "overlong": 1.0, "repetition": 0.5},
                           scores=("judge_p_poem",),
-                          text=True),
+                          # 16 steps: replies loop to the token limit on 26-28 of 40 items; 64: 40/40 end (issue 30)
+                          text=True, sft_max_steps=64),
     # PPO on the learned reward alone, with the seed's kl_coef, response_length and temperature
     # the gate reads the judge margin: `pass` (beat the reference under the judge) sat at 0-1 of 40 for every
     # model while the margin moved from -12.8 (base) to -9.9 (SFT)
@@ -655,8 +657,8 @@ def resolve_task_defaults(params: Params, where: "Where") -> None:
     """Fill in what `task` stands for: eval.system_prompt `task` is the task's own prompt, promote.metric
     `task` its default per-item pass, empty rl.rewards its default rewards (for PPO its `ppo_rewards`),
     rl.ppo fields left unset its PPO defaults, reward_model.kind `task` its kind (for PPO an LM reward model),
-    `{task}` in the registered model's name the task's name; a task with a `prompt_format` (chat) sets
-    eval.prompt_style. Resolved here, once, so every stage, the protocol hash and MLflow see the values that
+    `{task}` in the registered model's name the task's name, sft.training.max_steps `task` its quick SFT
+    budget; a task with a `prompt_format` (chat) sets eval.prompt_style. Resolved here, once, so every stage, the protocol hash and MLflow see the values that
     were used."""
     task = TASKS[params.data.task]
     task_cfg = getattr(params.data, params.data.task)
@@ -672,6 +674,8 @@ def resolve_task_defaults(params: Params, where: "Where") -> None:
             params.eval.system_prompt = ""  # StrictBot's prompt has no system turn: the persona is learnt from the data
     if params.eval.system_prompt == "task":
         params.eval.system_prompt = task_cfg.system_prompt
+    if params.sft.training.get("max_steps") == "task":
+        params.sft.training["max_steps"] = task.sft_max_steps
     if params.promote.metric == "task":
         params.promote.metric = task.primary_metric
     if params.promote.metric not in task.metrics + task.scores:
