@@ -2,18 +2,20 @@
 pipeline of that task already ran, so every method starts from the same base and SFT model and is
 judged on the same held-out items, same protocol.
 
-    posttrain run -S data.task=style -S rl.method=draft              # in a fresh clone, then:
-    python bench/methods.py --workspace /tmp/quickstyle              # -> bench/results/style_methods.json
-    posttrain run                                                    # GSM8K, rl.method grpo, then:
-    python bench/methods.py --workspace /tmp/quickgsm8k --methods reinforce,hybrid_alternate,hybrid_curriculum,ppo
+    posttrain run -S data.task=style -S eval.n_questions=0     # in a fresh clone (0 = all 80 test items), then:
+    python bench/methods.py --workspace /tmp/quickstyle          # -> bench/results/style_methods.json
+    posttrain run -S data.task=chat -S eval.n_questions=0      # all 42 chat test items, then:
+    python bench/methods.py --workspace /tmp/quickchat
 
 Rows: base and sft (from the workspace's own run), the workspace's own method, then each method's
-eval_rl, gate decision and training reward curve; the hybrid modes and the methods they mix also go
-to bench/results/hybrid.json, under the task's name. A method run reruns rl, eval_rl, promote and
-report, and the reward model (its stage reads rl.method to know whether it is needed; ppo also
-changes its kind to pairwise). The gate of each row compares against whatever was champion when it
-ran (the base model at first): its `gate_baseline` field says which. One run per method; nothing is
-tuned per method.
+eval_rl, and against SFT (the promote stage's paired comparison on promote.metric: the difference, its
+interval and the test's p, and the share of greedy replies that changed), the gate decision and the
+training reward curve. Every method runs its quick-profile budget (params.yaml; docs/methods/index.md):
+the budgets are per method, not one wall-clock budget, so each row records its RL seconds. A method run
+reruns rl, eval_rl, promote and report, and the reward model when the method needs another kind (ppo:
+an LM reward model). Each row's eval records are kept under <workspace>/methods/<row>.jsonl for reading.
+The gate of each row compares against whatever was champion when it ran (`gate_baseline` says which).
+One run per method; nothing is tuned per method.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +44,8 @@ METHODS = {  # row name -> dvc exp run -S overrides
 }
 # issue 17's comparison: the hybrid modes beside the methods they mix, written to bench/results/hybrid.json
 HYBRID_ROWS = ("hybrid_alternate", "hybrid_curriculum", "grpo", "reinforce", "ppo")
-KEEP = ("content_mean", "judge_p_poem_mean", "gen_length_mean", "n_questions", "protocol_hash")
+KEEP = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "gen_length_mean", "n_questions", "protocol_hash",
+        "truncation_rate", "repetition_rate", "copy_rate", "degenerate_rate")
 # the issues' names for the style task's figures
 ALIASES = {"style": {"style_rate": "accuracy_style", "content": "content_mean", "pass_rate": "accuracy_pass"},
            "chat": {"win_rate": "accuracy_pass", "margin": "judge_margin_mean", "length": "gen_length_mean",
@@ -60,12 +64,20 @@ def row(ws: Path, task: str, eval_name: str, with_gate: bool) -> dict:
         gate, rl = read(ws, "promotion.json"), read(ws, "rl.json")
         out |= {"gate": "promoted" if gate.get("promote") else "rejected", "gate_baseline": gate.get("baseline"),
                 "gate_reason": gate.get("reason"), "rl_seconds": rl.get("stage_seconds")}
-        out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last") if k in rl}
+        # against the SFT model it started from, paired on promote.metric (posttrain/release/registry.py)
+        out |= {k: v for k, v in gate.items() if k.startswith("rl_vs_sft") or k == "rl_changed_replies"}
+        out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last", "adapter_update_norm") if k in rl}
         # each method's own training reward (draft: the RM through soft tokens; ppo: the pairwise RM's score;
         # grpo, reinforce, hybrid: the task's rewards): a curve per method, not comparable across methods
         log = json.loads((ws / "models/rl/train_log.json").read_text())
         out["reward_curve"] = [round(e["reward"], 4) for e in log if "reward" in e]
     return out
+
+
+def keep_records(ws: Path, stage: str, row_name: str) -> None:
+    """The next `dvc exp run` overwrites reports/eval/rl: keep each row's replies for reading side by side."""
+    (ws / "methods").mkdir(exist_ok=True)
+    shutil.copy(ws / "reports/eval" / stage / "records.jsonl", ws / "methods" / f"{row_name}.jsonl")
 
 
 def own_row_name(params: dict) -> str:
@@ -116,6 +128,9 @@ def main() -> int:
     result["n_items"] = rows["base"]["n_questions"]
     own = own_row_name(params)
     rows[own] = row(ws, task, "eval_rl.json", True) | {"overrides": [], "workspace_run": True}
+    result["metric"] = read(ws, "promotion.json").get("metric")
+    keep_records(ws, "sft", "sft")
+    keep_records(ws, "rl", own)
     for name in [m for m in args.methods.split(",") if m != own]:
         started = time.time()
         done = subprocess.run([dvc, "exp", "run", "-n", f"{task}-{name}", *sum((["-S", o] for o in METHODS[name]), [])],
@@ -126,6 +141,7 @@ def main() -> int:
         print(f"{name}: {time.time() - started:.0f} s")
         rows[name] = row(ws, task, "eval_rl.json", True) | {"overrides": METHODS[name],
                                                             "exp_run_seconds": round(time.time() - started)}
+        keep_records(ws, "rl", name)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a partial run keeps its rows
         write_hybrid(out_path.parent / "hybrid.json", task, result)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
