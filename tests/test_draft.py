@@ -69,7 +69,7 @@ def test_gradients_reach_adapters_and_projection_but_not_the_frozen_reward_model
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    rm = draft.load_reward_model(untrained_encoder_rm)
+    rm, _ = draft.load_reward_model(untrained_encoder_rm)
     reward = draft.SoftTokenReward(rm, policy.get_input_embeddings().weight.shape[1])
     input_ids = torch.randint(3, 50, (2, 10))
     labels = input_ids.clone()
@@ -125,8 +125,10 @@ def test_draft_needs_an_encoder_reward_model(params, prepared, tiny_base, tmp_pa
 def test_projection_is_checkpointed_and_restored_on_resume(params, prepared, tiny_base, encoder_rm, tmp_path):
     from safetensors.torch import load_file
 
-    p = draft_params(params, encoder_rm, training={"max_steps": 2, "per_device_train_batch_size": 2,
-                                                   "learning_rate": 5e-2, "save_steps": 1, "max_length": 256})
+    # the notebook's way, a bridge that is not fitted and trains with the adapter: so it moves every step
+    p = draft_params(params, encoder_rm, bridge_fit_steps=0, train_bridge=True,
+                     training={"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
+                               "save_steps": 1, "max_length": 256})
     dataset = rl.build_dataset(rl.read_jsonl(prepared / "train.jsonl"), p)
     _, _, _, trained = draft.run(p, tiny_base, dataset, tmp_path / "ckpt")
     saved = load_file(tmp_path / "ckpt" / "checkpoint-2" / draft.PROJECTION_FILE)
@@ -141,5 +143,60 @@ def test_projection_is_checkpointed_and_restored_on_resume(params, prepared, tin
 
     set_seed(p.seed)  # what draft.run builds before training: the projection's initial weights
     policy = AutoModelForCausalLM.from_pretrained(tiny_base)
-    initial = draft.SoftTokenReward(draft.load_reward_model(encoder_rm), policy.get_input_embeddings().weight.shape[1])
+    initial = draft.SoftTokenReward(draft.load_reward_model(encoder_rm)[0], policy.get_input_embeddings().weight.shape[1])
     assert not torch.equal(initial.projection.weight.detach(), saved["weight"]), "training did not move the projection"
+
+
+@pytest.mark.slow
+def test_the_fitted_bridge_scores_one_hot_text_as_the_reward_model_does(params, tiny_base, classifier_rm):
+    """Fitting the bridge lowers the held-out error between the reward of one-hot real text through the bridge
+    and the reward model's own score of that text; the policy is not touched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_base)
+    before_policy = {k: v.clone() for k, v in policy.state_dict().items()}
+    reward = draft.SoftTokenReward(*_with_hidden(draft.load_reward_model(classifier_rm(40).path), policy))
+    from verifier_case import held_out_pairs
+
+    questions, right, wrong = held_out_pairs(classifier_rm(40).val)  # texts the verifier tells apart: scores near 0 and 1
+    texts = [f"{q}\n{a}" for q, a in zip(questions * 2, [*right, *wrong])]
+    log = draft.fit_bridge(reward, policy.get_input_embeddings().weight, AutoTokenizer.from_pretrained(tiny_base),
+                           texts, steps=60, learning_rate=1e-2, seed=params.seed)
+    before, after = (e["bridge_fit_error"] for e in log)
+    assert after < 0.5 * before, (before, after)
+    assert all(torch.equal(v, before_policy[k]) for k, v in policy.state_dict().items())
+
+
+def _with_hidden(model_and_tokenizer, policy):
+    model, tokenizer = model_and_tokenizer
+    return model, policy.get_input_embeddings().weight.shape[1], tokenizer
+
+
+@pytest.mark.slow
+def test_a_frozen_bridge_stays_as_fitted_and_the_reward_is_balanced_and_measured_on_text(params, prepared, tiny_base,
+                                                                                         encoder_rm, tmp_path):
+    """Defaults: the bridge is fitted, then frozen (one step or two, the same projection: only the policy
+    trains); beta sets the reward gradient's norm against the LM loss's; the RM scores decoded replies."""
+    def trained(steps: int, **fields):
+        p = draft_params(params, encoder_rm, beta=1.0, warmup_steps=0, monitor_every=1, **fields,
+                         training={"max_steps": steps, "per_device_train_batch_size": 2, "learning_rate": 5e-2,
+                                   "logging_steps": 1, "save_steps": 10, "max_length": 256})
+        dataset = rl.build_dataset(rl.read_jsonl(prepared / "train.jsonl"), p)
+        _, _, log, files = draft.run(p, tiny_base, dataset, tmp_path / f"ckpt{steps}{sorted(fields)}")
+        return log, files[draft.PROJECTION_FILE]["weight"]
+
+    log1, frozen1 = trained(1)
+    log2, frozen2 = trained(2)
+    assert torch.equal(frozen1, frozen2), "a frozen bridge moved during training"
+    _, moving = trained(2, train_bridge=True)
+    assert not torch.equal(moving, frozen2)
+
+    fit = [e["bridge_fit_error"] for e in log2 if "bridge_fit_error" in e]
+    assert len(fit) == 2 and fit[1] <= fit[0]  # never worse (the other test shows it improving)
+    steps = [e for e in log2 if "reward_grad_ratio" in e]
+    assert len(steps) == 2
+    for e in steps:  # weight x ||grad reward|| = beta x ||grad LM||
+        assert e["reward_weight"] * e["reward_grad_ratio"] == pytest.approx(1.0, rel=1e-3)
+    decoded = [e for e in log2 if "decoded_reward" in e]
+    assert [e["step"] for e in decoded] == [0, 1, 2] and all(0.0 <= e["decoded_reward"] <= 1.0 for e in decoded)

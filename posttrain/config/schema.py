@@ -210,6 +210,14 @@ class DraftConfig:
     warmup_steps: int = 4  # beta ramps linearly from 0 to `beta` over these optimizer steps (the DRaFT notebook: 50)
     tau: float = 1.0  # Gumbel-softmax temperature
     hard: bool = False  # straight-through one-hot samples instead of soft ones
+    # Fit the bridge first (Adam steps), so real text fed as one-hot tokens scores as the reward model scores it
+    # (0: no fit, the notebook's way: the bridge starts random and learns with the adapter)
+    bridge_fit_steps: int = 200
+    train_bridge: bool = False  # after the fit: false = frozen, so a reward gain can only come from the policy
+    # true: beta is the reward gradient's norm on the trainable weights as a multiple of the LM loss's,
+    # measured every step (two extra backward passes); false: beta is a plain weight on the reward
+    balance: bool = True
+    monitor_every: int = 2  # every N steps, greedy replies to 4 training prompts scored by the RM on text (0: off)
     training: dict = field(default_factory=dict)  # trl.SFTConfig fields (the LM-loss side is an SFT step)
 
 
@@ -569,6 +577,8 @@ RULES: list[tuple[tuple[str, ...], tuple]] = [
     (("rl", "draft", "variant"), _one_of("project", "draft_notebook")),
     (("rl", "draft", "warmup_steps"), _between(0, None)),
     (("rl", "draft", "tau"), _between(0, None, low_open=True)),
+    (("rl", "draft", "bridge_fit_steps"), _between(0, None)),
+    (("rl", "draft", "monitor_every"), _between(0, None)),
     (("rl", "hybrid", "sft_fraction_start"), _between(0, 1)),
     (("rl", "hybrid", "sft_fraction_end"), _between(0, 1)),
     (("rl", "hybrid", "sft_batch_size"), _between(1, None)),

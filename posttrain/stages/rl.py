@@ -78,5 +78,7 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     history = read_json(Path(out_dir) / "train_log.json")
     moved = adapter_update_norm(out_dir)  # how far the adapter moved the SFT model (0: not at all)
     return (summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length",
-                                 "completions/clipped_ratio", "frac_reward_zero_std"))
+                                 "completions/clipped_ratio", "frac_reward_zero_std",
+                                 # draft: the bridge's fit, the reward's gradient share, the RM on decoded text
+                                 "bridge_fit_error", "reward_weight", "reward_grad_ratio", "decoded_reward"))
             | throughput_of(history) | ({"adapter_update_norm": moved} if moved is not None else {}))
