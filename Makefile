@@ -39,10 +39,10 @@ lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes i
 	@if grep -nE '^(nvidia-|triton|torchvision)' requirements/lock.txt; then \
 	  echo "error: the lock pulls CUDA packages or torchvision: torch must stay 2.13.0+cpu" >&2; exit 1; fi
 
-# After the lock moves transformers, trl or peft: re-record their config field names (posttrain/config/schema.py reads
+# After the lock moves transformers, trl or peft: re-record their config field names (posttrain/config/library_fields.py reads
 # them from this file instead of importing the libraries in every stage; a test checks it is current).
-library-fields: install  ## rewrite posttrain/library_fields.json from the installed libraries
-	$(PY) -c "from posttrain.config.schema import write_library_fields; print(write_library_fields())"
+library-fields: install  ## rewrite posttrain/config/library_fields.json from the installed libraries
+	$(PY) -c "from posttrain.config.library_fields import write_library_fields; print(write_library_fields())"
 
 run: install  ## install, then run the whole quick pipeline and print its summary
 	.venv/bin/posttrain run

@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bf16.json", help="results file")
     args = parser.parse_args()
 
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.io import read_json, read_jsonl, write_json
     from posttrain.release.modelstore import is_model_folder
 

@@ -48,7 +48,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.evaluation.evaluator import auto_streams, generate, generate_straightforward, load_model
     from posttrain.tasks.gsm8k_answers import gold_answer, score
     from posttrain.io import read_jsonl, write_json

@@ -40,7 +40,7 @@ def run_variant(workspace: Path, overrides: dict, scratch: Path) -> dict:
     """The SFT stage with `overrides` on the workspace's params; its loss curve and throughput."""
     import dataclasses
 
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.io import read_json
     from posttrain.stages import sft
 

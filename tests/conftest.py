@@ -98,7 +98,7 @@ def _mlflow_tracking_uri_stays_in_its_test():
 def tiny_params(tmp_path: Path | None = None, **section_overrides):
     """params.yaml with the tiny profile and a small slice of GSM8K, as a Params object."""
     from posttrain.cli.command import update_params_file
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
 
     workdir = Path(tmp_path or ROOT)
     target = workdir / "params.tiny.yaml"
@@ -141,7 +141,7 @@ def tiny_base(params, session_dir) -> Path:
 def task_sources() -> list[str]:
     """Every task's shipped data, by absolute path: `prepare` depends on all of them (whichever data.task
     picks), so a workspace outside the repository must point at each."""
-    from posttrain.config.schema import TASKS
+    from posttrain.tasks.defaults import TASKS
 
     return [f"data.{task}.source={ROOT / 'data' / task}" for task in TASKS]
 

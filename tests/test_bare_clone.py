@@ -15,7 +15,8 @@ DATA = ROOT / "data" / "gsm8k"
 
 
 def test_gsm8k_ships_in_the_repo_as_its_card_says():
-    from posttrain.config.schema import DataConfig, load_params
+    from posttrain.config.loader import load_params
+    from posttrain.config.schema import DataConfig
 
     assert DataConfig().source == "data/gsm8k" and load_params(ROOT / "params.yaml").data.source == "data/gsm8k"
     card = (DATA / "README.md").read_text()

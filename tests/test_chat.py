@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from posttrain.reward_models import mlp_head
-from posttrain.config.schema import ConfigError, load_params
+from posttrain.config.loader import load_params
+from posttrain.config.schema import ConfigError
 from posttrain.io import DataError, read_jsonl
 from posttrain.evaluation.prompts import digest, prompt_text, protocol, rl_prompt, sft_example
 from posttrain.tasks import chat, registry

@@ -27,7 +27,8 @@ def deps_of(name: str) -> set[str]:
 def test_stage_deps_follow_the_imports_of_the_task_module():
     # posttrain/stages/rl.py imports these inside functions (through posttrain/methods/registry.py), training at module level
     assert {"posttrain/methods/reinforce.py", "posttrain/methods/draft.py", "posttrain/methods/hybrid.py", "posttrain/methods/ppo.py",
-            "posttrain/rewards/functions.py", "posttrain/training/trainer.py", "posttrain/stages/rl.py"} <= deps_of("rl")
+            "posttrain/rewards/composition.py", "posttrain/rewards/rule_based.py", "posttrain/rewards/model_based.py",
+            "posttrain/training/trainer.py", "posttrain/stages/rl.py"} <= deps_of("rl")
     for name in EVALS:  # posttrain/stages/evaluate.py -> evaluation.py -> gsm8k, prompts and (inside functions) decoding
         assert {"posttrain/tasks/gsm8k_answers.py", "posttrain/evaluation/decoding.py", "posttrain/evaluation/prompts.py", "posttrain/evaluation/evaluator.py",
                 "posttrain/stages/evaluate.py"} <= deps_of(name)
@@ -36,6 +37,9 @@ def test_stage_deps_follow_the_imports_of_the_task_module():
     assert "posttrain/methods/reinforce.py" not in deps_of("sft")
     for stage in graph.STAGES:  # the runner runs every stage; the entry point's dispatch (cli.py) does not count
         assert "posttrain/pipeline/runner.py" in deps_of(stage.name) and "posttrain/cli/command.py" not in deps_of(stage.name)
+        # the runner loads every stage's params: the loader's checks and `task` resolution (and the task
+        # declarations it reads) decide the values a stage runs on
+        assert {"posttrain/config/loader.py", "posttrain/config/schema.py", "posttrain/tasks/defaults.py"} <= deps_of(stage.name)
         code = graph.stage_code_deps(stage)
         assert code == sorted(code) and all((ROOT / path).is_file() for path in code)
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from posttrain.config.schema import ConfigError, apply_overrides, load_params, parse_override
+from posttrain.config.loader import apply_overrides, load_params, parse_override
+from posttrain.config.schema import ConfigError
 
 
 @pytest.mark.parametrize("profile", [None, "tiny", "full"])
@@ -60,7 +61,7 @@ def test_shipped_library_fields_are_the_installed_libraries_fields():
     `make library-fields`."""
     import json
 
-    from posttrain.config import schema as config
+    from posttrain.config import library_fields as config
 
     shipped = json.loads(config.LIBRARY_FIELDS_FILE.read_text())
     assert shipped["versions"] == config.installed_versions(), "stale: run make library-fields"
@@ -74,7 +75,7 @@ def test_library_fields_of_other_versions_are_read_from_the_libraries(tmp_path, 
     installed libraries have is accepted and a typo still refused, with the libraries themselves asked."""
     import json
 
-    from posttrain.config import schema as config
+    from posttrain.config import library_fields as config
 
     stale = tmp_path / "library_fields.json"
     stale.write_text(json.dumps({"versions": {"transformers": "0.0.1", "trl": "0", "peft": "0"},
@@ -219,7 +220,7 @@ def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):
     """bf16 autocast runs in the TRL trainers; reinforce's own loop would silently ignore it."""
     import shutil
 
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.pipeline.preflight import update_params_file
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -245,7 +246,7 @@ def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_pa
     failed check does not."""
     import shutil
 
-    from posttrain.config import schema as config
+    from posttrain.config import library_fields as config
 
     from posttrain.pipeline import preflight
 
@@ -281,8 +282,65 @@ def test_a_params_text_that_passed_skips_only_the_library_build_next_time(tmp_pa
 def test_sft_max_steps_task_is_the_tasks_quick_budget_and_a_number_wins(task, steps):
     """params.yaml's sft.training.max_steps `task`: style's quick SFT is longer (at 16 steps its replies loop to
     the token limit); a number given with -S is used as is."""
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
 
     assert load_params(ROOT / "params.yaml", overrides=[f"data.task={task}"]).sft.training["max_steps"] == steps
     chosen = load_params(ROOT / "params.yaml", overrides=[f"data.task={task}", "sft.training.max_steps=5"])
     assert chosen.sft.training["max_steps"] == 5
+
+
+def test_every_schema_field_has_help_and_posttrain_params_prints_it(capsys):
+    """Each field of the schema dataclasses carries its help beside it (field metadata, as TRL's configs do);
+    `posttrain params` prints every field with its default, its check and that help."""
+    import dataclasses
+
+    from posttrain.cli.command import main
+    from posttrain.config.schema import Params, described_fields
+
+    fields = list(described_fields())
+    assert len(fields) > 80 and fields[0].path == ("seed",)
+    assert [f.path for f in fields if not f.declaration.metadata.get("help", "").strip()] == []
+    assert main(["params"]) == 0
+    printed = capsys.readouterr().out
+    for path, value, declaration, _ in fields:
+        name = ".".join(path)
+        assert (f"\n{name}:" if dataclasses.is_dataclass(value) else f"\n{name} (") in "\n" + printed, name
+    assert "eval.batch_size (int) = 64   [>= 1]\n    rows decoded together" in printed
+    assert main(["params", "rl.hybrid.mode"]) == 0
+    assert capsys.readouterr().out == ("rl.hybrid.mode (str) = 'alternate'   [one of alternate, curriculum]\n"
+                                       "    alternate | curriculum\n")
+    assert main(["params", "rl.hybrid.mod"]) == 2  # not a field: one line naming it
+    assert "no params section or field 'rl.hybrid.mod'" in capsys.readouterr().err
+    assert dataclasses.fields(Params)[0].metadata["help"]
+
+
+def test_the_range_checks_are_the_fields_own(tmp_path, monkeypatch):
+    """A check lives in its field's metadata and nowhere else: the loader applies whatever the field declares."""
+    import dataclasses
+    import types
+
+    from posttrain.config.schema import EvalConfig, between
+
+    shots = next(f for f in dataclasses.fields(EvalConfig) if f.name == "shots")
+    ok, must_be = shots.metadata["check"]
+    assert must_be == ">= 0" and ok(0) and not ok(-1)
+    path = write(tmp_path, "eval:\n  shots: -1\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:2: 'eval.shots' must be >= 0, got -1"):
+        load_params(path, check_library_fields=False)
+    monkeypatch.setattr(shots, "metadata", types.MappingProxyType({**shots.metadata, "check": between(-5, None)}))
+    assert load_params(path, check_library_fields=False).eval.shots == -1
+
+
+def test_loading_params_imports_no_library_and_no_task_code():
+    """Every stage loads params: the task declarations it reads (posttrain/tasks/defaults.py) must not pull in the
+    task modules (their code would become every stage's DVC dep) nor torch, transformers, trl or peft (seconds)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from posttrain.config.loader import load_params; "
+            "load_params('params.yaml', overrides=['data.task=chat']); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'trl', 'peft') or m.startswith(('posttrain.tasks.', 'posttrain.rewards.')))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == ["posttrain.tasks.defaults"]

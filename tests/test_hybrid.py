@@ -144,7 +144,7 @@ def test_the_assignment_reinforce_profile_sets_the_assignments_reinforce(tmp_pat
     # the old name: the same file, and one line naming the new one
     assert warned == (["warning: --profile seed002 is deprecated, use --profile assignment_reinforce (the same file; "
                        "the old name will be refused in the next release)"] if deprecated else [])
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
 
     rl_cfg = load_params(tmp_path / "params.yaml").rl
     assert rl_cfg.method == "reinforce" and rl_cfg.training["beta"] == 0.1 and rl_cfg.training["top_p"] == 0.9

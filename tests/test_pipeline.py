@@ -144,7 +144,7 @@ def test_sliding_window_models_fall_back_to_transformers_generate(capsys):
 
 def expected_decision(ws: Path):
     """posttrain.release.gate.decide on the paired per-question records of the workspace's eval reports."""
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.release.gate import decide, harm_reasons, pair_records
 
     params = load_params(ws / "params.yaml")

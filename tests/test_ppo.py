@@ -151,7 +151,7 @@ def test_rule_terms_are_added_to_the_reward_model_score(params, prepared, tiny_b
 
     from posttrain.methods import ppo
 
-    from posttrain.rewards import functions as rewards
+    from posttrain.rewards import composition as rewards
 
     p = with_section(params, "rl", max_prompts=2)
     dataset = rl.build_dataset(read_jsonl(prepared / "train.jsonl"), p)
@@ -186,7 +186,7 @@ def test_ppo_config_comes_from_params_and_profiles(params, tmp_path):
     assert args.total_episodes == params.rl.ppo["total_episodes"] and args.response_length == params.rl.ppo["response_length"]
     assert args.use_cpu and not args.bf16 and args.stop_token == "eos" and args.save_strategy == "no"
     from conftest import ROOT
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
 
     quick = load_params(ROOT / "params.yaml")
     assert quick.rl.method == "grpo"  # ppo is configured, not switched on

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.config.schema import line_index, load_params
+from posttrain.config.loader import line_index, load_params
 from posttrain.evaluation.evaluator import summarize
 from posttrain.evaluation.prompts import digest, prompt_text, protocol, rl_prompt, sft_example
 from posttrain.tasks import chat, gsm8k, style

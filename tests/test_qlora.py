@@ -48,7 +48,8 @@ def test_quantized_load_puts_every_projection_in_bitsandbytes_layers(tiny_base, 
 
 
 def test_unknown_quantization_is_a_one_line_error_naming_file_line_and_field(tiny_base, tmp_path):
-    from posttrain.config.schema import ConfigError, load_params
+    from posttrain.config.loader import load_params
+    from posttrain.config.schema import ConfigError
     from posttrain.training.trainer import load_causal_lm
 
     bad = tmp_path / "params.yaml"

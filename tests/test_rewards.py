@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.rewards import functions as rewards
+from posttrain.rewards import composition as rewards
 
 SOLUTION = "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May.\n#### 72"
 RIGHT = [{"role": "assistant", "content": "She sold 48/2 = 24 in May, so 48+24 = 72 in total.\n#### 72"}]

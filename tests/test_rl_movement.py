@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from posttrain.rewards.functions import build
+from posttrain.rewards.composition import build
 
 
 def test_overlong_and_repetition_terms_see_a_cut_off_loop_and_spare_a_short_poem():
@@ -21,7 +21,7 @@ def test_overlong_and_repetition_terms_see_a_cut_off_loop_and_spare_a_short_poem
 def test_the_text_tasks_default_rewards_carry_the_overlong_and_repetition_terms():
     from pathlib import Path
 
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
 
     root = Path(__file__).resolve().parents[1]
     for task in ("style", "chat"):
@@ -51,7 +51,7 @@ def test_adapter_update_norm_is_zero_at_the_start_and_grows_with_b(tmp_path):
 
 
 def test_the_share_of_changed_greedy_replies_is_reported(tmp_path):
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.release.registry import stage_gain
     from pathlib import Path
 
@@ -73,7 +73,7 @@ def test_the_rl_stage_line_says_how_far_the_adapter_moved_and_is_loud_when_it_di
 def test_reports_without_replies_still_get_the_rl_gain_and_its_card_line():
     """Eval reports that carry scores but not the replies (an older eval, imported scores; .ci/gate_check.py
     writes these) get the paired gain without the changed-reply share, and nothing downstream trips on it."""
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.release.registry import stage_gain, stage_gain_line
     from pathlib import Path
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from posttrain.methods import draft
-from posttrain.config.schema import TASKS, ConfigError, line_index, load_params
+from posttrain.config.loader import line_index, load_params
+from posttrain.config.schema import ConfigError
+from posttrain.tasks.defaults import TASKS
 from posttrain.io import DataError
 from posttrain.evaluation.prompts import digest, protocol, rl_prompt, sft_example
 from posttrain.tasks import registry, style
@@ -20,10 +22,11 @@ GSM8K_RECORD = {"question": "Tom has 3 apples and buys 4 more. How many?",
                 "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
 
 
-def test_the_registry_and_the_config_name_the_same_tasks_and_metrics():
-    assert set(registry.TASKS) == set(TASKS)
+def test_the_registry_and_the_task_declarations_name_the_same_tasks_and_metrics():
+    """posttrain/tasks/defaults.py (what params read without task code) and the registry's modules agree."""
+    assert list(registry.TASKS) == list(TASKS)
     for name, module in registry.TASKS.items():
-        assert module.NAME == name and module.METRICS == TASKS[name].metrics
+        assert module.NAME == name and module.DEFAULTS is TASKS[name] and module.METRICS == TASKS[name].metrics
         assert module.PRIMARY_METRIC in module.METRICS + module.SCORES
     with pytest.raises(KeyError, match="unknown task 'poems'"):
         registry.get("poems")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config.schema import load_params
+from posttrain.config.loader import load_params
 from posttrain.evaluation.evaluator import check_well_formed
 from posttrain.io import write_json, write_jsonl
 from posttrain.release.gate import decide_scores, harm_reasons, paired_decision

@@ -8,6 +8,7 @@
     posttrain gate                         # exit 1 unless the last candidate was promoted
     posttrain gc --keep 3                  # delete old registered versions and unused DVC cache (asks first)
     posttrain ui                           # MLflow UI on the local store
+    posttrain params rl.hybrid             # each params field's type, default, allowed values and help
 
 Argument parsing and dispatch; the servers `ui` and `serve` start, and their stopping, are in
 posttrain/cli/servers.py.
@@ -109,10 +110,20 @@ def cmd_dvc_yaml(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    from posttrain.config.schema import help_text
+
+    text = help_text(args.prefix)
+    if not text:
+        raise ConfigError(f"no params section or field '{args.prefix}' (posttrain params lists them all)")
+    print(text)
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.evaluation.evaluator import evaluate, load_model
     from posttrain.io import read_jsonl, write_jsonl
     from posttrain.tasks import registry
@@ -141,7 +152,7 @@ def cmd_gc(args) -> int:
     import mlflow
 
     from posttrain.pipeline import gc
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.pipeline.lifecycle import workspace_lock
     from posttrain.release.tracking import tracking_uri
 
@@ -204,7 +215,7 @@ def cmd_ui(args) -> int:
 
 def cmd_compare(args) -> int:
     from posttrain.release.compare import compare, load_side
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.release.tracking import setup
 
     params = load_params("params.yaml", overrides=args.set or [])
@@ -218,7 +229,7 @@ def cmd_compare(args) -> int:
 
 def _deployment_parameters(args) -> dict:
     """The flow's parameters for a deployment: the workspace, and -S overrides validated now."""
-    from posttrain.config.schema import load_params
+    from posttrain.config.loader import load_params
     from posttrain.pipeline.preflight import validate_workspace
 
     overrides = args.set or []
@@ -282,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline (Prefect flow; DVC skips unchanged stages)")
     run.add_argument("--profile", help="merge profiles/<name>.yaml into params.yaml first (quick, full, tiny)")
     run.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
-                     help="write a params.yaml value first, e.g. -S sft.training.learning_rate=1e-4 (repeatable)")
+                     help="write a params.yaml value first, e.g. -S sft.training.learning_rate=1e-4 (repeatable; "
+                          "`posttrain params` lists the keys)")
     run.add_argument("--run-name", help="name of the parent MLflow run")
     run.add_argument("--wait", nargs="?", type=float, const=-1.0, default=0.0, metavar="SECONDS",
                      help="if another run holds this workspace, wait for it (for SECONDS, or without a limit) "
@@ -298,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "'accelerate launch --config_file configs/accelerate/ddp.yaml' (default: $POSTTRAIN_LAUNCHER; "
                             "other stages ignore it)")
     stage.set_defaults(func=cmd_stage)
+
+    prm = sub.add_parser("params", help="every params.yaml field (not the library sections' own fields) with its "
+                                        "type, default, allowed values and help, from posttrain/config/schema.py")
+    prm.add_argument("prefix", nargs="?", default="", help="only this section or field, e.g. rl.hybrid or eval.dtype")
+    prm.set_defaults(func=cmd_params)
 
     dvc_yaml = sub.add_parser("dvc-yaml", help="regenerate dvc.yaml from posttrain/pipeline/graph.py")
     dvc_yaml.set_defaults(func=cmd_dvc_yaml)

@@ -17,7 +17,7 @@ def policy_parts(params: Params, model_dir: Path, checkpoint_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import GRPOConfig
 
-    from posttrain.rewards import functions as rewards
+    from posttrain.rewards import composition as rewards
 
     set_seed(params.seed)  # before any weights are built: LoRA A and heads start the same every run
     reward_funcs, weights = rewards.build(params.rl.rewards, params.rl.reward_postprocess or None)

@@ -234,6 +234,15 @@ def gradient_norm(loss: torch.Tensor, parameters: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
+def balanced_weight(model, lm_loss: torch.Tensor, reward: torch.Tensor, beta: float) -> tuple[float, float]:
+    """The reward's weight that makes its gradient beta times the LM loss's, both measured on the trainable
+    weights (the LM loss's already carries the accumulation scale, so the weight does too); and the raw
+    ratio ||grad reward|| / ||grad LM loss||."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lm_norm, reward_norm = gradient_norm(lm_loss, trainable), gradient_norm(reward, trainable)
+    return beta * lm_norm / max(reward_norm, 1e-12), reward_norm / max(lm_norm, 1e-12)
+
+
 def decoded_reward_callback(reward: SoftTokenReward, tokenizer, prompts: list[str], every: int,
                             max_new_tokens: int = 64):
     """A TrainerCallback: before the first step and every `every` steps, greedy replies to `prompts`, decoded
@@ -298,12 +307,8 @@ def make_trainer_class():
             mode = "train" if self.model.training else "eval"
             weight = beta * scale
             if self.balance and beta > 0 and reward.requires_grad and self.model.training:
-                # The reward's gradient as beta times the LM loss's: both measured on the trainable weights (the
-                # LM loss's already carries the accumulation scale, so the weight does too)
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                lm_norm, reward_norm = gradient_norm(lm_loss, trainable), gradient_norm(reward, trainable)
-                weight = beta * lm_norm / max(reward_norm, 1e-12)
-                self._metrics[mode]["reward_grad_ratio"].append(reward_norm * scale / max(lm_norm, 1e-12))
+                weight, ratio = balanced_weight(model, lm_loss, reward, beta)
+                self._metrics[mode]["reward_grad_ratio"].append(ratio * scale)
             loss = lm_loss - weight * reward
             self._metrics[mode]["lm_loss"].append(float(lm_loss.detach()) / scale)
             self._metrics[mode]["reward"].append(float(reward.detach()))

@@ -236,7 +236,7 @@ def build_trainer(params: Params, model_dir: Path, dataset, checkpoint_dir: Path
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from posttrain.rewards import functions as rewards
+    from posttrain.rewards import composition as rewards
     from posttrain.training.trainer import lora_config
 
     check_reward_model_kind(params)

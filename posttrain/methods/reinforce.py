@@ -135,7 +135,7 @@ class Rollout:
 def rollout(model, tokenizer, batch: list[dict], reward_funcs, reward_weights: list[float], args,
             group_size: int = 1) -> Rollout:
     """Sample completions for `batch` (each prompt `group_size` times) and score them."""
-    from posttrain.rewards.functions import weighted_total
+    from posttrain.rewards.composition import weighted_total
 
     batch = [row for row in batch for _ in range(group_size)]
     prompts = [b["prompt"] if isinstance(b["prompt"], str)

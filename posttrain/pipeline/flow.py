@@ -111,7 +111,7 @@ def pipeline(root: str = ".", run_name: str | None = None, overrides: list[str] 
     """
     import mlflow
 
-    from posttrain.config.schema import flatten, load_params, to_dict
+    from posttrain.config.loader import flatten, load_params, to_dict
     from posttrain.pipeline.preflight import update_params_file, validate_workspace
 
     root = str(Path(root).resolve())

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("posttrain",)  # the project's own code; anything else is an installed library
 # `python -m posttrain stage <name>` (cli.py) calls the runner for every stage; it writes each stage's metrics file.
 RUNNER = "posttrain/pipeline/runner.py"
+# What the runner loads every stage's params with: the values a stage runs on (`task` resolved, checks) come from it.
+PARAMS_LOADER = "posttrain/config/loader.py"
 # One module per stage: posttrain/stages/<Stage.module>.py, with run(params, **inputs, **outputs).
 STAGE_PACKAGE = "posttrain/stages"
 
@@ -123,7 +125,7 @@ def _imported_modules(path: Path) -> set[str]:
             base = node.module or ""
             if node.level:  # `from .x import y`: relative to the file's package
                 base = ".".join([*module[:-node.level], *([base] if base else [])])
-            # `from posttrain.rewards import functions` imports the module posttrain.rewards.functions; `from posttrain.io
+            # `from posttrain.rewards import composition` imports the module posttrain.rewards.composition; `from posttrain.io
             # import read_json` imports posttrain.io (posttrain/io/read_json.py does not exist: dropped later)
             names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
     return {name for name in names if name.split(".")[0] in PACKAGES}
@@ -155,17 +157,18 @@ def code_deps(path: str) -> list[str]:
 
 
 def stage_code_deps(stage: Stage) -> list[str]:
-    """The task module's closure plus the runner itself.
+    """The stage module's closure, the runner itself and the params loader's closure.
 
-    The runner's imports are not followed: config.py and io.py are in every task module's closure
-    anyway; tracking.py (and training.history_metrics) only log to MLflow; distributed.py is in the
-    closure of the stages that train in parallel; stages.py is what dvc.yaml is generated from, so a
-    change there shows up in dvc.yaml itself, stage by stage, instead of rerunning every stage. Nor is
-    cli.py (with __main__.py): it only dispatches, and it imports most of the project lazily for its
+    The runner loads every stage's params (posttrain/config/loader.py resolves what `task` stands for), so
+    the loader's closure is a dep of every stage. The runner's other imports are not followed: io.py is in
+    every stage's closure anyway; tracking.py (and training.history_metrics) only log to MLflow;
+    distributed.py is in the closure of the stages that train in parallel; graph.py is what dvc.yaml is
+    generated from, so a change there shows up in dvc.yaml itself, stage by stage, instead of rerunning every
+    stage. Nor is cli.py (with __main__.py): it only dispatches, and it imports most of the project lazily for its
     other commands (`posttrain eval` pulls in the evaluator), which would make every stage depend on
     almost everything.
     """
-    return sorted({*code_deps(f"{STAGE_PACKAGE}/{stage.module}.py"), RUNNER})
+    return sorted({*code_deps(f"{STAGE_PACKAGE}/{stage.module}.py"), RUNNER, *code_deps(PARAMS_LOADER)})
 
 
 def dvc_stages() -> dict:

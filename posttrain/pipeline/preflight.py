@@ -3,7 +3,7 @@ params.yaml written only in a form that passes those checks.
 
     python -m posttrain.pipeline.preflight          # check ./params.yaml; exit 2 with `params.yaml:line: ...`
 
-Kept apart from posttrain.config.schema, which every stage imports: this module imports the reward
+Kept apart from posttrain/config/, which every stage imports: this module imports the reward
 registry, and a stage's code dependencies (dvc.yaml) should not grow by it.
 """
 
@@ -15,7 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-from posttrain.config.schema import ConfigError, Params, Where, base_source_is_local, line_index, load_params
+from posttrain.config.loader import Where, line_index, load_params
+from posttrain.config.schema import ConfigError, Params, base_source_is_local
 
 PROFILES_DIR = Path("profiles")
 # Profiles renamed to say which original they follow ("seed" now only means a random seed); the old name
@@ -26,7 +27,7 @@ PASSED_DIR = Path(".posttrain") / "params-passed"  # one empty file per params t
 
 def check_registries(params: Params, where: Where) -> None:
     """Reward names, weights, options and post-processing (either form of rl.rewards), without loading models."""
-    from posttrain.rewards import functions as rewards
+    from posttrain.rewards import composition as rewards
 
     spec = params.rl.rewards
     if isinstance(spec, dict) and not rewards.is_typed_spec(spec):
@@ -52,7 +53,7 @@ def check_registries(params: Params, where: Where) -> None:
             raise ConfigError(f"{where(('rl', key, 'name'))}: 'rl.{key}': {err}") from None
 
 
-def check_paths(params: Params, where: _Where, root: str | Path) -> None:
+def check_paths(params: Params, where: Where, root: str | Path) -> None:
     """A local base model folder that is not there: the base stage would fail the same way on every try."""
     source = params.base.source
     if base_source_is_local(source, root) and not (Path(root) / Path(source).expanduser()).is_dir():
@@ -87,12 +88,13 @@ def passed_stamp(path: Path, passed_dir: Path) -> Path:
     torch and the libraries, and the checking code."""
     from importlib.metadata import version
 
-    from posttrain.config import schema as config
+    from posttrain.config import library_fields
 
     digest = hashlib.sha256(path.read_bytes())
-    for name, installed in (config.installed_versions() | {"torch": version("torch")}).items():
+    for name, installed in (library_fields.installed_versions() | {"torch": version("torch")}).items():
         digest.update(f"\n{name}=={installed}".encode())
-    digest.update(Path(config.__file__).read_bytes())
+    for checking_code in sorted(Path(library_fields.__file__).parent.glob("*.py")):  # schema, loader, library fields
+        digest.update(checking_code.read_bytes())
     return passed_dir / digest.hexdigest()[:32]
 
 
@@ -104,7 +106,7 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
     from ruamel.yaml import YAML
 
-    from posttrain.config.schema import parse_override
+    from posttrain.config.loader import parse_override
     from posttrain.io import atomic_path
 
     if not profile and not overrides:

@@ -18,7 +18,7 @@ from posttrain.training import distributed
 from posttrain.pipeline import graph
 
 from posttrain.release import tracking
-from posttrain.config.schema import flatten, load_params, to_dict
+from posttrain.config.loader import flatten, load_params, to_dict
 from posttrain.io import write_json
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.pipeline import graph
-from posttrain.config.schema import TASKS
+from posttrain.tasks.defaults import TASKS
 from posttrain.io import read_json
 
 MODELS = ("base", "sft", "rl")

@@ -12,7 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from posttrain.config.schema import Params, to_dict
+from posttrain.config.loader import to_dict
+from posttrain.config.schema import Params
 from posttrain.release.gate import (GateRefused, harm_reasons, pair_records, paired_decision, record_key,
                                     summary_key)
 from posttrain.io import DataError, atomic_path, read_json, read_jsonl

@@ -44,7 +44,7 @@ def encoder_source(name: str) -> str:
 def reward_names(rewards) -> set[str]:
     """The reward names in rl.rewards, in either form: `name -> weight` or a typed spec
     ({type: weighted_sum, components: [{type: name, ...}]}, inline or a file path)."""
-    from posttrain.rewards.functions import load_spec
+    from posttrain.rewards.composition import load_spec
 
     def walk(node) -> set[str]:
         if isinstance(node, list):

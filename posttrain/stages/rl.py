@@ -3,7 +3,7 @@
     posttrain stage rl               # or: dvc repro rl
 
 grpo:      TRL's GRPOTrainer, group-relative advantages over `num_generations` samples per prompt,
-           optional KL to the frozen SFT model (`beta` in rl.training), rewards from posttrain.rewards.functions.
+           optional KL to the frozen SFT model (`beta` in rl.training), rewards from posttrain.rewards.composition.
 reinforce: posttrain/methods/reinforce.py, batch-mean baseline, normalised advantages, optional KL (`beta`);
            reads the same GRPOConfig fields (learning_rate, max_steps, temperature, optim, ...).
 draft:     posttrain/methods/draft.py, LM loss - beta * reward of a frozen encoder RM fed Gumbel-softmax soft

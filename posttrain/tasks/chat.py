@@ -28,13 +28,14 @@ import random
 import statistics
 from pathlib import Path
 
-from posttrain.config.schema import TASKS
+from posttrain.tasks.defaults import TASKS
 from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "chat"
-METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
-SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
-FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
+DEFAULTS = TASKS[NAME]  # what params may say `task` for (posttrain/tasks/defaults.py: params load without task code)
+METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = DEFAULTS.metrics, DEFAULTS.primary_metric, DEFAULTS.rewards
+SCORES = DEFAULTS.scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = DEFAULTS.text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
 JUDGE_KIND = "mlp_head"  # the judge stage trains a reward model of StrictBot's kind on the judge part
 CLASSIFIER_LABELS = 1

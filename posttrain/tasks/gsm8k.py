@@ -12,15 +12,16 @@ import random
 import re
 from pathlib import Path
 
-from posttrain.config.schema import TASKS
+from posttrain.tasks.defaults import TASKS
 from posttrain.tasks.gsm8k_answers import extract_strict, gold_answer, has_final_answer_line, parse_number, strip_calculator_notes
 from posttrain.tasks.gsm8k_answers import score as score_answer
 from posttrain.io import DataError, read_jsonl, where
 
 NAME = "gsm8k"
-METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
-SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
-FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
+DEFAULTS = TASKS[NAME]  # what params may say `task` for (posttrain/tasks/defaults.py: params load without task code)
+METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = DEFAULTS.metrics, DEFAULTS.primary_metric, DEFAULTS.rewards
+SCORES = DEFAULTS.scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = DEFAULTS.text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = False  # scored by the reference number: no learned judge
 CLASSIFIER_LABELS = 1  # the classifier reward model is an outcome verifier: one logit, P(correct)
 ANSWER_PATTERN = r"####\s*-?\$?\s*[\d,]*\.?\d+(?:/\d+)?\s*$"

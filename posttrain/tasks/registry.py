@@ -2,7 +2,8 @@
 
 Every task module exposes the same few names:
 
-    NAME, METRICS (per-item booleans `correct_<m>`, reported as `accuracy_<m>`), PRIMARY_METRIC,
+    NAME, DEFAULTS (its entry in posttrain/tasks/defaults.py: what params may say `task` for),
+    METRICS (per-item booleans `correct_<m>`, reported as `accuracy_<m>`), PRIMARY_METRIC,
     DEFAULT_REWARDS (rl.rewards when params leave it empty), USES_JUDGE (its evaluation needs the judge stage),
     CLASSIFIER_LABELS (1: a one-logit verifier, 2: a two-class classifier whose class 1 is the reward)
     SCORES (per-item numbers in the records that promote.metric may name: the gate then pairs scores)
@@ -30,9 +31,11 @@ Optional (posttrain/reward_models/training.py and posttrain/stages/judge.py fall
 
 from __future__ import annotations
 
-from posttrain.tasks import chat, gsm8k, style
+from posttrain.tasks import chat, defaults, gsm8k, style
 
 TASKS = {module.NAME: module for module in (gsm8k, style, chat)}
+# posttrain/tasks/defaults.py declares the names params accept (it is read without importing task code)
+assert list(TASKS) == list(defaults.TASKS), "every task declared in defaults.py has its module here, in order"
 
 
 def get(name: str):

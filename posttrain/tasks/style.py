@@ -24,13 +24,14 @@ import random
 import statistics
 from pathlib import Path
 
-from posttrain.config.schema import TASKS
+from posttrain.tasks.defaults import TASKS
 from posttrain.io import DataError, Records, read_jsonl, where
 
 NAME = "style"
-METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = TASKS[NAME].metrics, TASKS[NAME].primary_metric, TASKS[NAME].rewards
-SCORES = TASKS[NAME].scores  # per-item numbers promote.metric may name
-FAILS_DEGENERATE = TASKS[NAME].text  # a reply that did not end, loops or copies its input fails
+DEFAULTS = TASKS[NAME]  # what params may say `task` for (posttrain/tasks/defaults.py: params load without task code)
+METRICS, PRIMARY_METRIC, DEFAULT_REWARDS = DEFAULTS.metrics, DEFAULTS.primary_metric, DEFAULTS.rewards
+SCORES = DEFAULTS.scores  # per-item numbers promote.metric may name
+FAILS_DEGENERATE = DEFAULTS.text  # a reply that did not end, loops or copies its input fails
 USES_JUDGE = True
 CLASSIFIER_LABELS = 2  # the DRaFT notebook's reward model: 2 classes, normal = 0, poem = 1
 CLASS_NAMES = ("normal", "poem")  # label 0 and label 1 of the reward model and the judge
@@ -203,7 +204,7 @@ class Judge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from posttrain.io import require_safetensors
-        from posttrain.rewards.functions import sentence_encoder
+        from posttrain.rewards.model_based import sentence_encoder
 
         judge_dir = Path(judge_dir)
         if not (judge_dir / "config.json").exists():

