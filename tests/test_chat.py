@@ -601,3 +601,26 @@ def test_without_a_preference_file_rejected_replies_are_seeded_base_samples(tiny
     assert runs["rm_again"][1] == sampled  # the same seed draws the same samples
     assert not {s["user"] for s in sampled} & {s["user"] for s in runs["judge"][1]}
     assert runs["judge"][0]["role"] == "judge"
+
+
+@pytest.mark.slow
+def test_the_mlp_head_reward_model_is_a_reward_function_scoring_as_it_was_trained(chat_setup, trained_rm):
+    """rl.rewards `mlp_head`: the chat reward model's preference score for GRPO, REINFORCE and hybrid, the same
+    number the model gives the (prompt text, reply) it was trained and evaluated on; the reward_model stage
+    then counts as needed whatever the method."""
+    from posttrain.evaluation.prompts import prompt_messages, reply_text
+    from posttrain.reward_models.training import why_not_needed
+    from posttrain.rewards import composition
+
+    params, prepared = chat_setup
+    (preference,), _ = composition.build({"mlp_head": {"weight": 1.0, "model": str(trained_rm)}})
+    model, tokenizer, _ = mlp_head.load(trained_rm)
+    val = [r for r in read_jsonl(prepared / "preferences.jsonl") if r["part"] == "reward_model"][:6]
+    prompts = [prompt_messages(r["prompt"], params.eval) for r in val]  # what rl_prompt gives a chat-template task
+    for side in ("chosen", "rejected"):
+        rows = [mlp_head.encode(tokenizer, prompt_text(r["prompt"], params.eval, tokenizer),
+                                reply_text(r[side], params.eval), 256) for r in val]
+        expected = mlp_head.scores_of(model, rows, tokenizer.pad_token_id)
+        assert preference(prompts=prompts, completions=[" " + r[side] + "\n" for r in val]) == pytest.approx(expected)
+    with_it = dataclasses.replace(params, rl=dataclasses.replace(params.rl, method="grpo", rewards={"mlp_head": 1.0}))
+    assert why_not_needed(with_it) is None

@@ -231,7 +231,8 @@ class DraftConfig:
         "help": "project (sigmoid, the encoder's embedding block) | draft_notebook (the DRaFT notebook's: raw "
                 "class-1 logit, new LayerNorm)", "check": one_of("project", "draft_notebook")})
     beta: float = field(default=1.0, metadata={
-        "help": "reward weight once warmed up (the DRaFT notebook: 0.1)", "check": AT_LEAST_0})
+        "help": "once warmed up, with balance: the reward gradient's norm as a multiple of the LM loss's; "
+                "without: the reward's plain weight (the DRaFT notebook: 0.1, a plain weight)", "check": AT_LEAST_0})
     warmup_steps: int = field(default=4, metadata={
         "help": "beta ramps linearly from 0 to `beta` over these optimizer steps (the DRaFT notebook: 50)",
         "check": AT_LEAST_0})

@@ -27,7 +27,7 @@ from posttrain.reward_models import shortcuts
 from posttrain.tasks import registry
 from posttrain.training.trainer import summary_of, trainer_kwargs
 
-READS_REWARD_MODEL = {"verifier", "style"}  # rl.rewards names whose default model is models/reward_model
+READS_REWARD_MODEL = {"verifier", "style", "mlp_head"}  # rl.rewards names whose default model is models/reward_model
 METHODS_NEEDING_IT = {"draft": "rl.draft.reward_model", "ppo": "rl.ppo.reward_model_path"}
 
 

@@ -7,6 +7,7 @@ wheel (`minilm`), never downloaded; torch and transformers are imported when a r
       bertscore: {weight: 0.3}                   # bert-score F1 on the local all-MiniLM-L6-v2 folder
       perplexity: {weight: 0.1, model: models/base}   # -log ppl under a frozen local LM (output: ppl for raw)
       verifier: {weight: 0.5, model: models/reward_model}
+      mlp_head: {weight: 1.0}                    # chat: the StrictBot reward model's preference score
       sentiment: {weight: 0.1, model: /path/to/local/classifier}   # no hub download, ever
 """
 
@@ -210,3 +211,27 @@ def toxicity_factory(model: str | None = None, label: str = "toxic"):
         return [-p for p in inner(completions, **kw)]
 
     return toxicity
+
+
+@register("mlp_head")
+def mlp_head_factory(model: str = "models/reward_model", max_length: int = 256, batch_size: int = 16):
+    """The learned preference score of (prompt, reply) from an mlp_head reward model (reward_model.kind mlp_head,
+    the chat task's): the score PPO reads, as a reward function GRPO, REINFORCE and hybrid can use. The prompt
+    is rendered and the reply placed as the model was trained on them (posttrain/reward_models/training.py:
+    prompt_text + reply_text, then EOS); the scores are Bradley-Terry logits, unbounded."""
+    from posttrain.reward_models import mlp_head
+
+    reward_model, tokenizer, _ = mlp_head.load(_local_model_path("mlp_head", "model", model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def preference(prompts, completions, **_) -> list[float]:
+        rows = []
+        for prompt, reply in zip(prompts, completion_texts(completions)):
+            if isinstance(prompt, list):  # chat messages: the template as the model was trained on it
+                text, reply = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), reply.strip()
+            else:  # a string format (strictbot, plain): the reply follows after a space
+                text, reply = prompt, " " + reply.strip()
+            rows.append(mlp_head.encode(tokenizer, text, reply, max_length))
+        return mlp_head.scores_of(reward_model, rows, pad_id, batch_size)
+
+    return named(preference, "mlp_head")
