@@ -238,9 +238,10 @@ class DraftConfig:
         "check": AT_LEAST_0})
     tau: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature", "check": POSITIVE})
     hard: bool = field(default=False, metadata={"help": "straight-through one-hot samples instead of soft ones"})
-    bridge_fit_steps: int = field(default=200, metadata={
+    bridge_fit_steps: int = field(default=100, metadata={
         "help": "fit the bridge first (Adam steps), so real text fed as one-hot tokens scores as the reward model "
-                "scores it (0: no fit, the notebook's way: the bridge starts random and learns with the adapter)",
+                "scores it (0: no fit, the notebook's way: the bridge starts random and learns with the adapter; "
+                "style: held-out error 0.278 -> 0.027 in 100 steps, 18 s on 2 cores, 0.019 in 200)",
         "check": AT_LEAST_0})
     train_bridge: bool = field(default=False, metadata={
         "help": "after the fit: false = frozen, so a reward gain can only come from the policy; true = trained "
