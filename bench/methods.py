@@ -13,7 +13,9 @@ interval and the test's p, and the share of greedy replies that changed), the ga
 training reward curve. Every method runs its quick-profile budget (params.yaml; docs/methods/index.md):
 the budgets are per method, not one wall-clock budget, so each row records its RL seconds. A method run
 reruns rl, eval_rl, promote and report, and the reward model when the method needs another kind (ppo:
-an LM reward model). Each row's eval records are kept under <workspace>/methods/<row>.jsonl for reading.
+an LM reward model). Every row starts from the workspace's own params.yaml (`dvc exp run` would leave a
+row's -S values for the next). The chat rows grpo_rm and reinforce_rm train on the chat reward model
+(rl.rewards mlp_head) instead of cosine_sts; chat's ppo reads its mlp_head reward model, as StrictBot did. Each row's eval records are kept under <workspace>/methods/<row>.jsonl for reading.
 The gate of each row compares against whatever was champion when it ran (`gate_baseline` says which).
 One run per method; nothing is tuned per method.
 """
@@ -39,9 +41,16 @@ METHODS = {  # row name -> dvc exp run -S overrides
     "grpo": ["rl.method=grpo"],
     "hybrid_alternate": ["rl.method=hybrid", "rl.hybrid.mode=alternate"],  # one SFT then one PPO step per batch
     "hybrid_curriculum": ["rl.method=hybrid", "rl.hybrid.mode=curriculum"],  # SFT share 0.8 -> 0.2, REINFORCE steps
-    # last: it changes the reward model's kind, which later rows would inherit from the workspace
     "ppo": ["rl.method=ppo", "reward_model.kind=pairwise", "reward_model.max_length=512"],
+    # the chat task's reward model (mlp_head) as the reward of GRPO and REINFORCE, with the task's overlong and
+    # repetition terms: in place of cosine_sts to the reference (`++` adds a key to the empty rl.rewards)
+    "grpo_rm": ["rl.method=grpo", "++rl.rewards.mlp_head=1.0", "++rl.rewards.overlong=1.0",
+                "++rl.rewards.repetition=0.5"],
+    "reinforce_rm": ["rl.method=reinforce", "++rl.rewards.mlp_head=1.0", "++rl.rewards.overlong=1.0",
+                     "++rl.rewards.repetition=0.5"],
 }
+# chat's PPO reads its own LM reward model, mlp_head (reward_model.kind task), as StrictBot did
+TASK_METHODS = {"chat": {"ppo": ["rl.method=ppo"]}}
 # issue 17's comparison: the hybrid modes beside the methods they mix, written to bench/results/hybrid.json
 HYBRID_ROWS = ("hybrid_alternate", "hybrid_curriculum", "grpo", "reinforce", "ppo")
 KEEP = ("content_mean", "judge_p_poem_mean", "judge_margin_mean", "gen_length_mean", "n_questions", "protocol_hash",
@@ -131,19 +140,24 @@ def main() -> int:
     result["metric"] = read(ws, "promotion.json").get("metric")
     keep_records(ws, "sft", "sft")
     keep_records(ws, "rl", own)
+    own_params = (ws / "params.yaml").read_text()
     for name in [m for m in args.methods.split(",") if m != own]:
         started = time.time()
-        done = subprocess.run([dvc, "exp", "run", "-n", f"{task}-{name}", *sum((["-S", o] for o in METHODS[name]), [])],
+        overrides = TASK_METHODS.get(task, {}).get(name, METHODS[name])
+        # `dvc exp run` leaves its -S values in the workspace: every row starts from the workspace's own params
+        (ws / "params.yaml").write_text(own_params)
+        done = subprocess.run([dvc, "exp", "run", "-n", f"{task}-{name}", *sum((["-S", o] for o in overrides), [])],
                               cwd=ws, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
             return done.returncode
         print(f"{name}: {time.time() - started:.0f} s")
-        rows[name] = row(ws, task, "eval_rl.json", True) | {"overrides": METHODS[name],
+        rows[name] = row(ws, task, "eval_rl.json", True) | {"overrides": overrides,
                                                             "exp_run_seconds": round(time.time() - started)}
         keep_records(ws, "rl", name)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a partial run keeps its rows
         write_hybrid(out_path.parent / "hybrid.json", task, result)
+    (ws / "params.yaml").write_text(own_params)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     write_hybrid(out_path.parent / "hybrid.json", task, result)
     print(json.dumps(result, indent=2))
