@@ -75,7 +75,10 @@ def row(ws: Path, task: str, eval_name: str, with_gate: bool) -> dict:
                 "gate_reason": gate.get("reason"), "rl_seconds": rl.get("stage_seconds")}
         # against the SFT model it started from, paired on promote.metric (posttrain/release/registry.py)
         out |= {k: v for k, v in gate.items() if k.startswith("rl_vs_sft") or k == "rl_changed_replies"}
-        out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last", "adapter_update_norm") if k in rl}
+        out |= {k: rl[k] for k in ("reward_first", "reward_last", "kl_last", "adapter_update_norm",
+                                   "decoded_reward_first", "decoded_reward_last", "bridge_fit_error_first",
+                                   "bridge_fit_error_last", "loss/value_avg_first", "loss/value_avg_last",
+                                   "val/clipfrac_avg_last") if k in rl}
         # each method's own training reward (draft: the RM through soft tokens; ppo: the pairwise RM's score;
         # grpo, reinforce, hybrid: the task's rewards): a curve per method, not comparable across methods
         log = json.loads((ws / "models/rl/train_log.json").read_text())

@@ -215,6 +215,9 @@ def test_ppo_stage_updates_the_policy_and_logs_reward_and_kl(params, prepared, t
         assert {"rewards/exact_match", "rewards/format", "loss/policy_avg", "loss/value_avg"} <= set(entry)
     values = rl.metrics(out)
     assert {"reward_first", "reward_last", "kl_first", "kl_last"} <= set(values)
+    # whether the value model learns and clipping acts: in the stage's metrics, from the last logged step
+    assert values["loss/value_avg_last"] == steps[-1]["loss/value_avg"]
+    assert values["val/clipfrac_avg_last"] == steps[-1]["val/clipfrac_avg"]
 
 
 @pytest.mark.slow

@@ -80,5 +80,7 @@ def metrics(out_dir: str | Path) -> dict[str, float]:
     return (summary_of(history, ("loss", "reward", "kl", "lm_loss", "beta", "completions/mean_length",
                                  "completions/clipped_ratio", "frac_reward_zero_std",
                                  # draft: the bridge's fit, the reward's gradient share, the RM on decoded text
-                                 "bridge_fit_error", "reward_weight", "reward_grad_ratio", "decoded_reward"))
+                                 "bridge_fit_error", "reward_weight", "reward_grad_ratio", "decoded_reward",
+                                 # ppo: whether the value model learns, and whether clipping acts
+                                 "loss/value_avg", "val/clipfrac_avg", "policy/approxkl_avg"))
             | throughput_of(history) | ({"adapter_update_norm": moved} if moved is not None else {}))
