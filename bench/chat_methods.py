@@ -1,7 +1,7 @@
 """The chat task, base -> SFT -> PPO, read from a workspace where the quick chat pipeline ran:
 
     posttrain run -S data.task=chat -S rl.method=ppo                                 # in the workspace
-    python bench/chat_methods.py --workspace /tmp/quickchat --wall-seconds 479         # -> bench/results/chat_methods.json
+    python bench/chat_methods.py --workspace /tmp/quickchat --wall-seconds 479         # -> bench/results/chat_pipeline.json
 
 Per model: the judge's win rate (share of held-out items whose greedy reply the judge scores above the
 reference output: the gate's `pass`), the mean judge margin, the mean reply length in tokens and in words;
@@ -52,7 +52,7 @@ def collect(ws: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", required=True, help="where the quick chat pipeline ran")
-    run_record.add_arguments(parser, ROOT / "bench/results/chat_methods.json")
+    run_record.add_arguments(parser, ROOT / "bench/results/chat_pipeline.json")
     args = parser.parse_args()
     result = collect(Path(args.workspace))
     result |= {"command": "posttrain run -S data.task=chat -S rl.method=ppo (quick profile; reward_model.kind task = mlp_head)"}
