@@ -199,6 +199,9 @@ def fit_bridge(reward: SoftTokenReward, embedding_matrix: torch.Tensor, policy_t
     table = embedding_matrix.detach()
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     held_out, fitted = order[: max(1, len(texts) // 5)], order[max(1, len(texts) // 5):]
+    if len(fitted) == 0:
+        raise ValueError(f"rl.draft.bridge_fit_steps: fitting the bridge needs at least 2 texts, got {len(texts)} "
+                         "(raise rl.max_prompts, or set bridge_fit_steps 0 and train_bridge true)")
 
     def scores(rows: torch.Tensor) -> torch.Tensor:
         return reward.score_embedded(table[token_ids[rows]].to(table.device), mask[rows].to(table.device))
@@ -363,7 +366,8 @@ def run(params, model_dir: Path, dataset, checkpoint_dir: Path):
     fit_log = fit_bridge(reward, embeddings, tokenizer, [t for row in dataset for t in (row["question"], row["solution"])],
                          cfg.bridge_fit_steps, 1e-3, params.seed) if cfg.bridge_fit_steps else []
     reward.trainable.requires_grad_(cfg.train_bridge or not cfg.bridge_fit_steps)  # a bridge never fitted must learn
-    monitor_prompts = [prompt_text(row["question"], params.eval, tokenizer) for row in dataset.select(range(4))]
+    monitor_rows = dataset.select(range(min(4, len(dataset))))
+    monitor_prompts = [prompt_text(row["question"], params.eval, tokenizer) for row in monitor_rows]
     pairs = sft_pairs(dataset, params.eval)
     args = SFTConfig(**trainer_kwargs(cfg.training, checkpoint_dir, params.seed) | {"loss_type": "nll"})
     left_padded = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
