@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from posttrain.reward_models.mlp_head import pad
 from posttrain.reward_models.training import class_one_probability
 
 PROJECTION_FILE = "draft_projection.safetensors"
@@ -193,9 +194,7 @@ def fit_bridge(reward: SoftTokenReward, embedding_matrix: torch.Tensor, policy_t
     the run's global random state is the same with or without a fit."""
     targets = reward.text_scores(texts).detach()
     ids = [policy_tokenizer(t, add_special_tokens=False)["input_ids"][:reward.max_positions] or [0] for t in texts]
-    width = max(len(row) for row in ids)
-    token_ids = torch.tensor([row + [0] * (width - len(row)) for row in ids])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    token_ids, mask = pad(ids, pad_id=0)  # right-padded; padding is masked out of the encoder and the pool
     table = embedding_matrix.detach()
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     held_out, fitted = order[: max(1, len(texts) // 5)], order[max(1, len(texts) // 5):]
