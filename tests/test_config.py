@@ -231,6 +231,31 @@ def test_bf16_is_refused_where_the_loop_trains_in_fp32(tmp_path, monkeypatch):
     assert params.rl.training["bf16"] is True and params.sft.training["bf16"] is True  # grpo and SFT take it
 
 
+def test_padding_free_with_a_max_length_is_refused_when_params_are_read(tmp_path, monkeypatch):
+    """TRL refuses padding_free beside max_length only once the SFT stage has loaded the model; the config says
+    it at once, with the line, and every profile (quick, tiny, full) stays loadable."""
+    import shutil
+
+    from posttrain.config.loader import load_params
+    from posttrain.pipeline.preflight import update_params_file
+
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    line = next(i for i, text in enumerate(Path("params.yaml").read_text().splitlines(), 1)
+                if text.startswith("    padding_free: true"))
+    with pytest.raises(ConfigError, match=rf"^params.yaml:{line}: 'sft.training.padding_free: true' needs "
+                                          r"'sft.training.max_length: null'.*padding_free: false to keep max_length 512"):
+        load_params("params.yaml", overrides=["sft.training.max_length=512"])
+    assert load_params("params.yaml", overrides=["sft.training.max_length=512",
+                                                 "sft.training.padding_free=false"]).sft.training["max_length"] == 512
+    for profile in ("tiny", "full"):
+        shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+        update_params_file(Path("params.yaml"), profile, [])  # validates what it writes
+    full = load_params("params.yaml").sft.training
+    assert (full["max_length"], full["padding_free"]) == (512, False)  # the GPU profile keeps its truncation
+
+
 def test_the_registries_and_the_names_params_accept_agree():
     from posttrain.config.schema import REWARD_MODEL_KINDS, RL_METHODS
     from posttrain.methods.registry import METHODS

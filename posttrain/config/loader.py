@@ -131,6 +131,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     rename_deprecated_values(params, where)
     check_values(params, where)
     check_precision(params, where)
+    check_padding_free(params, where)
     resolve_task_defaults(params, where)
     if check_library_fields or build_library_configs:
         library_fields.check_field_names(params, where)
@@ -184,6 +185,18 @@ def check_precision(params: Params, where: Where) -> None:
     if params.rl.method in ("reinforce", "hybrid") and params.rl.training.get("bf16"):
         raise ConfigError(f"{where(('rl', 'training', 'bf16'))}: 'rl.training.bf16' is not supported with rl.method "
                           f"{params.rl.method} (its loop trains in fp32; bf16 autocast runs in sft, grpo, draft and ppo)")
+
+
+def check_padding_free(params: Params, where: Where) -> None:
+    """TRL's SFTTrainer does not truncate padding-free batches and refuses a max_length beside them: say so
+    when the params are read, not after the stage has loaded the model."""
+    for section, training in ((("sft", "training"), params.sft.training),
+                              (("rl", "draft", "training"), params.rl.draft.training)):
+        if training.get("padding_free") and training.get("max_length") is not None:
+            name = ".".join(section)
+            raise ConfigError(f"{where(section + ('padding_free',))}: '{name}.padding_free: true' needs "
+                              f"'{name}.max_length: null' (TRL does not truncate padding-free batches); "
+                              f"set padding_free: false to keep max_length {training['max_length']}")
 
 
 def _resolve_prompt_format(params: Params, where: Where) -> None:

@@ -116,6 +116,8 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     # no "" turned into '', comments kept).
     yaml.preserve_quotes = True
     yaml.width = 1 << 16
+    # ruamel writes None as an empty value; keep `null` as params.yaml spells it
+    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yaml.load(params_path.read_text())
     changes: list[tuple[list[str], object]] = []
     if profile in RENAMED_PROFILES:
