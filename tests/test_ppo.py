@@ -244,3 +244,41 @@ def test_ppo_reference_is_the_frozen_policy_without_its_adapter(params, prepared
     kl = [e["kl"] for e in log if "kl" in e]
     assert kl[0] == pytest.approx(0.0, abs=1e-3)  # first rollout: policy == reference
     assert kl[1] > kl[0]  # after one update the policy has moved away from the reference (k3 >= 0)
+
+
+@pytest.mark.slow
+def test_the_value_model_trains_at_its_reward_models_rate(params, prepared, tiny_base, pairwise_rm, tmp_path):
+    """rl.value_learning_rate moves the value model's weights (and only those) to a rate of their own; the
+    adapter keeps rl.ppo.learning_rate. 0 with a pairwise value model: the adapter's rate, as before."""
+    from posttrain.methods import ppo
+
+    for chosen, expected in ((0.0, 5e-2), (3e-4, 3e-4)):
+        p = with_section(ppo_params(params, pairwise_rm), "rl", value_learning_rate=chosen)
+        dataset = rl.build_dataset(read_jsonl(prepared / "train.jsonl"), p)
+        trainer, _ = ppo.build_trainer(p, tiny_base, dataset, tmp_path / f"ckpt{chosen}")
+        value_ids = {id(prm) for prm in trainer.model.value_model.parameters() if prm.requires_grad}
+        rate_of = {id(prm): group["lr"] for group in trainer.optimizer.param_groups for prm in group["params"]}
+        assert value_ids and value_ids <= set(rate_of)
+        assert {rate_of[i] for i in value_ids} == {expected}
+        policy_rates = {rate for i, rate in rate_of.items() if i not in value_ids}
+        assert policy_rates == {5e-2}  # ppo_params' rl.ppo.learning_rate, on the LoRA adapter
+        assert len(rate_of) == sum(len(g["params"]) for g in trainer.optimizer.param_groups)  # each weight once
+
+
+def test_an_mlp_head_value_model_trains_at_its_heads_rate(params, tmp_path):
+    """With rl.value_learning_rate 0 an mlp_head value model (chat: only the head trains) takes the rate the head
+    was trained at, a pairwise one the adapter's; a set value wins over both."""
+    from types import SimpleNamespace
+
+    from posttrain.methods import ppo
+    from posttrain.reward_models import mlp_head
+
+    head_dir, pairwise_dir = tmp_path / "mlp_head", tmp_path / "pairwise"
+    head_dir.mkdir(), pairwise_dir.mkdir()
+    (head_dir / mlp_head.POINTER_FILE).write_text("{}")
+    p = with_section(params, "reward_model", mlp_head=dataclasses.replace(params.reward_model.mlp_head,
+                                                                          learning_rate=7e-4))
+    assert ppo.value_learning_rate(p, SimpleNamespace(reward_model_path=head_dir, learning_rate=2e-4)) == 7e-4
+    assert ppo.value_learning_rate(p, SimpleNamespace(reward_model_path=pairwise_dir, learning_rate=2e-4)) == 2e-4
+    chosen = with_section(p, "rl", value_learning_rate=3e-5)
+    assert ppo.value_learning_rate(chosen, SimpleNamespace(reward_model_path=head_dir, learning_rate=2e-4)) == 3e-5

@@ -326,6 +326,10 @@ class RLConfig:
     ppo: dict = field(default_factory=dict, metadata={
         "help": "trl.experimental.ppo.PPOConfig fields (method: ppo); unset kl_coef, response_length, "
                 "temperature: the task's"})
+    value_learning_rate: float = field(default=0.0, metadata={
+        "help": "method ppo: the value model's learning rate; 0 = mlp_head: the rate its head trained at "
+                "(reward_model.mlp_head.learning_rate), pairwise: rl.ppo.learning_rate",
+        "check": AT_LEAST_0})
     draft: DraftConfig = field(default_factory=DraftConfig, metadata={"help": "method draft"})
     hybrid: HybridConfig = field(default_factory=HybridConfig, metadata={"help": "method hybrid"})
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig, metadata={

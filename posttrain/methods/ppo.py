@@ -165,11 +165,38 @@ class RuleAugmentedReward(nn.Module):
         return out
 
 
-def _trainer_class():
+def value_learning_rate(params: Params, args) -> float:
+    """`rl.value_learning_rate`, else: an mlp_head value model (only its MLP head trains) at the rate that head
+    was trained at, a pairwise one (the whole scalar-head LM) at the adapter's rate (`args`: the PPOConfig). At
+    the adapter's LoRA rate the chat value head's loss fell only 20.9 -> 12.7 over 8 updates (7.4 at 1e-3)."""
+    from posttrain.reward_models import mlp_head
+
+    if params.rl.value_learning_rate:
+        return params.rl.value_learning_rate
+    if mlp_head.is_mlp_head(Path(args.reward_model_path)):
+        return params.reward_model.mlp_head.learning_rate
+    return args.learning_rate
+
+
+def _trainer_class(value_rate: float):
     from trl.experimental.ppo import PPOTrainer
 
     class LoggingPPOTrainer(PPOTrainer):
-        """PPOTrainer whose log entries also carry `reward`/`kl` and the rule-reward means."""
+        """PPOTrainer whose log entries also carry `reward`/`kl` and the rule-reward means, and whose value
+        model trains at its own rate."""
+
+        def create_optimizer(self, model=None):
+            """The Trainer's optimizer with the value model's weights moved to groups at `value_rate`."""
+            optimizer = super().create_optimizer(model)
+            value_ids = {id(p) for p in self.model.value_model.parameters()}
+            groups, optimizer.param_groups = optimizer.param_groups, []
+            for group in groups:
+                for is_value in (False, True):
+                    params = [p for p in group["params"] if (id(p) in value_ids) == is_value]
+                    if params:
+                        optimizer.add_param_group({**group, "params": params,
+                                                   "lr": value_rate if is_value else group["lr"]})
+            return optimizer
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             logs = dict(logs)
@@ -258,7 +285,7 @@ def build_trainer(params: Params, model_dir: Path, dataset, checkpoint_dir: Path
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     reward_model = load_reward_model(args.reward_model_path, tokenizer).eval().requires_grad_(False)
     value_model = load_reward_model(args.reward_model_path, tokenizer, value=True)
-    trainer = _trainer_class()(
+    trainer = _trainer_class(value_learning_rate(params, args))(
         args=args, processing_class=ppo_tokenizer, model=policy, ref_model=None,
         reward_model=RuleAugmentedReward(reward_model, ppo_tokenizer, rows_by_prompt, reward_funcs, weights),
         value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": prompt_ids}),
