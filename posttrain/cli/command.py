@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the whole pipeline (Prefect flow; DVC skips unchanged stages)")
-    run.add_argument("--profile", help="merge profiles/<name>.yaml into params.yaml first (quick, full, tiny)")
+    run.add_argument("--profile", help="merge profiles/<name>.yaml into params.yaml first (full, tiny, "
+                                       "assignment_reinforce; params.yaml as shipped is the quick profile)")
     run.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                      help="write a params.yaml value first, e.g. -S sft.training.learning_rate=1e-4 (repeatable; "
                           "`posttrain params` lists the keys)")
